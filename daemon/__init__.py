@@ -1,0 +1,5 @@
+"""trainingd: keeps the training data of an image-review workflow clean, embedded and learned from."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,288 @@
+"""The thin command line: parse arguments, load settings, call one room, print, exit.
+
+Exit codes: 0 ok; 1 errors found (validate); 2 usage; 75 a source stayed busy; 78 bad config.
+Logs go to stdout for the service and to stderr for one-shot commands, whose stdout carries
+their result (so ``trainingd validate --json | jq`` works).  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import __version__
+from daemon.codes import render_markdown_table
+from daemon.decisions.schema import project_name_from_db
+from daemon.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ConfigError, DaemonError, StoreError
+from daemon.logs import configure_logging
+from daemon.records import ProjectResult
+from daemon.settings import Settings, load_settings
+from daemon.store.db import StateStore
+from daemon.validation import ProjectSource, Validator, discover_projects
+
+log = structlog.get_logger("cli")
+ERROR_LINES_SHOWN = 200
+DEMO_MARKER = ".trainingd-demo"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="config.toml (default: $TRAININGD_CONFIG, "
+                        "./config.toml, else the embedded defaults)")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    common.add_argument("--log-format", choices=("auto", "json", "console"))
+
+    parser = argparse.ArgumentParser(prog="trainingd", description=__doc__.splitlines()[0],
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"trainingd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", parents=[common],
+                       help="check new and changed rows of every project DB")
+    p.add_argument("--project", action="append", default=[], help="only this project "
+                   "(repeatable)")
+    p.add_argument("--db", action="append", type=Path, default=[],
+                   help="check this DB file ad hoc (backup, temp DB); state is not kept")
+    p.add_argument("--full", action="store_true",
+                   help="re-check every row, not only new and changed ones")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = sub.add_parser("inspect", parents=[common],
+                       help="validate, then write the inspection report (JSON + Markdown)")
+    p.add_argument("--project", action="append", default=[])
+    p.add_argument("--db", action="append", type=Path, default=[])
+
+    p = sub.add_parser("status", parents=[common], help="per-project validation figures")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", parents=[common], help="build a sample project with planted "
+                       "faults, validate it and write the inspection report")
+    p.add_argument("--out", type=Path, help="demo data root (default: <data_root>/demo)")
+    p.add_argument("--rows", type=int, default=200)
+
+    p = sub.add_parser("codes", parents=[common], help="print the table of issue codes")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"trainingd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(args.log_level or settings.logging.level,
+                      args.log_format or settings.logging.format, stream=sys.stderr)
+    handler = {"validate": cmd_validate, "inspect": cmd_inspect, "status": cmd_status,
+               "demo": cmd_demo, "codes": cmd_codes}[args.command]
+    try:
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"trainingd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        log.error("cli.state_db_failed", error=str(exc))
+        print(f"trainingd: {exc}", file=sys.stderr)
+        return 1
+    except DaemonError as exc:
+        print(f"trainingd: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _select_sources(settings: Settings, projects: list[str], dbs: list[Path]
+                    ) -> tuple[list[ProjectSource], bool]:
+    """The sources to work on, and whether they are ad-hoc files (no persistent state)."""
+    if dbs:
+        missing = [str(p) for p in dbs if not p.is_file()]
+        if missing:
+            raise ConfigError(f"--db: no such file: {', '.join(missing)}")
+        return [ProjectSource(project_name_from_db(p), p.resolve()) for p in dbs], True
+    sources = discover_projects(settings)
+    if projects:
+        known = {s.project for s in sources}
+        unknown = sorted(set(projects) - known)
+        if unknown:
+            raise ConfigError(
+                f"--project: unknown project(s) {', '.join(unknown)} in "
+                f"{settings.decisions_dir} (known: {', '.join(sorted(known)) or 'none'})"
+            )
+        sources = [s for s in sources if s.project in set(projects)]
+    return sources, False
+
+
+def _run_validation(settings: Settings, store: StateStore, sources: list[ProjectSource],
+                    *, full: bool) -> list[ProjectResult]:
+    validator = Validator(store, settings)
+    return [validator.validate_project(s, full=full) for s in sources]
+
+
+def _exit_code(results: list[ProjectResult]) -> int:
+    if any(r.errors for r in results):
+        return 1
+    if any(r.schema_kind == "busy" for r in results):
+        return EXIT_TEMPFAIL
+    return 0
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    sources, ad_hoc = _select_sources(settings, args.project, args.db)
+    store = StateStore(":memory:" if ad_hoc else settings.state_db)
+    try:
+        results = _run_validation(settings, store, sources, full=args.full or ad_hoc)
+        issues = [i for s in sources for i in store.issues(s.project)]
+    finally:
+        store.close()
+    if args.json:
+        doc = {
+            "trainingd_version": __version__,
+            "totals": {
+                "projects": len(results),
+                "rows": sum(r.rows_total for r in results),
+                "rows_checked": sum(r.rows_checked for r in results),
+                "errors": sum(r.errors for r in results),
+                "warnings": sum(r.warnings for r in results),
+            },
+            "projects": [r.to_dict() for r in results],
+            "issues": [i.to_dict() for i in issues],
+        }
+        json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return _exit_code(results)
+    from daemon.reports import issue_line
+
+    if not results:
+        print(f"no project DBs found in {settings.decisions_dir}")
+    for r in results:
+        extra = f" ({r.reason})" if r.reason else ""
+        print(f"{r.project}: {r.mode}{extra}; {r.rows_total} rows, {r.rows_checked} checked, "
+              f"{r.errors} error(s), {r.warnings} warning(s) [{r.schema_kind}]")
+    by_code = Counter((i.severity, i.code) for i in issues)
+    if by_code:
+        print("\nissues by code:")
+        for (sev, code), n in sorted(by_code.items()):
+            print(f"  {sev:7} {code:36} {n}")
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        print("\nerrors:")
+        for i in errors[:ERROR_LINES_SHOWN]:
+            print("  " + issue_line(i))
+        if len(errors) > ERROR_LINES_SHOWN:
+            print(f"  ... {len(errors) - ERROR_LINES_SHOWN} more: use --json or trainingd inspect")
+    return _exit_code(results)
+
+
+def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.reports import build_inspection, write_inspection
+
+    sources, ad_hoc = _select_sources(settings, args.project, args.db)
+    store = StateStore(":memory:" if ad_hoc else settings.state_db)
+    now = datetime.now(UTC)
+    try:
+        results = _run_validation(settings, store, sources, full=ad_hoc)
+        report = build_inspection(
+            sources, results, store, now=now, first_rows=settings.validation.report_first_rows,
+            busy_timeout_ms=settings.sources.busy_timeout_ms,
+            busy_budget_seconds=settings.sources.busy_retry_seconds,
+        )
+    finally:
+        store.close()
+    json_path, md_path = write_inspection(report, settings.summaries_dir, now)
+    log.info("reports.inspection_written", json=str(json_path), markdown=str(md_path),
+             **report["totals"])
+    print(json_path)
+    print(md_path)
+    return 0
+
+
+def status_document(settings: Settings) -> dict[str, Any]:
+    """Per-project figures from the state DB (read-only) plus projects not yet validated."""
+    projects: list[dict[str, Any]] = []
+    known: set[str] = set()
+    if settings.state_db.is_file():
+        store = StateStore(settings.state_db, read_only=True)
+        try:
+            for cp in store.checkpoints():
+                counts = store.issue_counts(cp.project)
+                projects.append({
+                    "project": cp.project, "db_file": cp.db_path, "schema": cp.schema_kind,
+                    "rows": cp.row_count, **store.row_figures(cp.project),
+                    "errors": counts.get("error", 0), "warnings": counts.get("warning", 0),
+                    "last_check": cp.last_checked_at, "last_full_reconcile": cp.last_full_at,
+                })
+                known.add(cp.project)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"state DB {settings.state_db}: {exc}") from exc
+        finally:
+            store.close()
+    for src in discover_projects(settings):
+        if src.project not in known:
+            projects.append({"project": src.project, "db_file": str(src.db_path),
+                             "schema": None, "rows": None, "validated": 0, "errors": None,
+                             "warnings": None, "pending_crops": None, "last_check": None})
+    return {"state_db": str(settings.state_db), "decisions_dir": str(settings.decisions_dir),
+            "projects": projects}
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    doc = status_document(settings)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"state: {doc['state_db']}")
+    print(f"decisions: {doc['decisions_dir']}")
+    header = ("project", "rows", "validated", "errors", "warnings", "pending crops", "last check")
+    rows = [header] + [
+        tuple("-" if p.get(k) is None else str(p.get(k)) for k in
+              ("project", "rows", "validated", "errors", "warnings", "pending_crops",
+               "last_check"))
+        for p in doc["projects"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if not doc["projects"]:
+        print("no projects yet: put decision DBs in the decisions folder, then run "
+              "`trainingd validate`")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.demo import run_demo
+
+    root = (args.out or settings.data_root / "demo").resolve()
+    if root.exists() and any(root.iterdir()):
+        if not (root / DEMO_MARKER).exists():
+            raise ConfigError(f"--out: {root} is not empty and not an earlier demo; "
+                              "choose another folder")
+        shutil.rmtree(root)
+    return run_demo(settings.with_data_root(root), rows=args.rows, marker=DEMO_MARKER)
+
+
+def cmd_codes(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.codes import CODES
+
+    if args.json:
+        json.dump({c.code: {"severity": c.severity, "room": c.room, "meaning": c.meaning,
+                            "action": c.action} for c in CODES.values()}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_markdown_table())
+    return 0

@@ -1,0 +1,1 @@
+"""The SQLite v3 decision contract: schema and drift, read-only access, row checks."""

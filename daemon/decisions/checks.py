@@ -1,0 +1,267 @@
+"""The integrity rules of the playbook plus the known faults of the data contract, as pure code.
+
+Input: one source row ``(rowid, *COLUMNS)`` exactly as SQLite returned it.  Output: a list of
+:class:`Finding` (empty for a clean row).  No I/O, no clock reads (``now`` comes in through
+:class:`CheckContext`), no mutation of the row.  This is the hot loop of a full validation, so
+the common, clean path does as little work as possible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from daemon.images import parse_stage
+from daemon.records import Finding
+from daemon.timeparse import parse_timestamp
+
+# Positions in a row tuple: rowid first, then the canonical columns in order.
+ROWID, GROUP_ID, TIMESTAMP, PROJECT_ID, DIRECTORY, BATCH_NUMBER, IMAGES = range(7)
+AI_INDEX, AI_CROP, AI_CONFIDENCE, USER_INDEX, USER_ACTION, FINAL_CROP = range(7, 13)
+CROP_TIMESTAMP, WIDTH, HEIGHT, SELECTION_MATCH, CROP_MATCH, AI_CROP_ACCEPTED = range(13, 19)
+
+ACTIONS = frozenset({"approve", "crop", "reject"})
+FULL_FRAME = (0.0, 0.0, 1.0, 1.0)
+_FLAGS = {None, 0, 1}
+_NUM = (int, float)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckContext:
+    """Everything a check needs besides the row."""
+
+    project: str  # the project the DB file name says
+    now: datetime
+    columns: frozenset[str] = field(default_factory=frozenset)  # columns the DB really has
+    aspect_tolerance: float = 0.01
+    full_frame_tolerance: float = 0.001
+    future_slack: timedelta = timedelta(hours=24)
+
+
+def _f(code: str, fld: str | None, value: object, message: str) -> Finding:
+    return Finding(code, fld, repr(value), message)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def check_box(fld: str, raw: object) -> tuple[list[Finding], Box | None]:
+    """Validate one crop column.  Returns findings and the box when it is a valid normalized one.
+
+    NULL is not a finding here: whether a box must be present depends on the action.
+    """
+    if raw is None:
+        return [], None
+    if not isinstance(raw, str):
+        return [_f("crop_coords_not_json", fld, raw, f"{fld} must be JSON text like "
+                   "'[0.1, 0.2, 0.8, 0.9]', got a non-text value")], None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        return [_f("crop_coords_not_json", fld, raw, f"{fld} is not valid JSON ({exc.msg})")], None
+    if not isinstance(value, list) or len(value) != 4:
+        return [_f("crop_coords_wrong_shape", fld, raw,
+                   f"{fld} must be a JSON list of 4 numbers [x1, y1, x2, y2]")], None
+    for v in value:
+        if type(v) not in _NUM or not math.isfinite(v):
+            return [_f("crop_coords_not_finite", fld, raw,
+                       f"{fld} holds {v!r}, which is not a finite number")], None
+    x1, y1, x2, y2 = value
+    if x1 > 1 or y1 > 1 or x2 > 1 or y2 > 1:
+        return [_f("crop_coords_pixels", fld, raw,
+                   f"{fld} has values > 1: pixel coordinates; divide x by the image width "
+                   "and y by its height")], None
+    if x1 < 0 or y1 < 0 or x2 < 0 or y2 < 0:
+        return [_f("crop_coords_out_of_range", fld, raw,
+                   f"{fld} has a negative coordinate; every value must lie in [0, 1]")], None
+    if x1 > x2 or y1 > y2:
+        return [_f("crop_box_inverted", fld, raw,
+                   f"{fld} has its corners swapped (need x1 < x2 and y1 < y2)")], None
+    if x1 == x2 or y1 == y2:
+        return [_f("crop_box_empty", fld, raw, f"{fld} has zero width or height")], None
+    return [], (float(x1), float(y1), float(x2), float(y2))
+
+
+def is_full_frame(box: Box, tolerance: float) -> bool:
+    return all(abs(v - f) <= tolerance for v, f in zip(box, FULL_FRAME, strict=True))
+
+
+def check_images(raw: object) -> tuple[list[Finding], list[str] | None]:
+    """Validate the ``images`` column; returns the list when it is usable for index checks."""
+    if not isinstance(raw, str):
+        return [_f("images_not_json", "images", raw,
+                   "images must be JSON text like '[\"a.png\", \"b.png\"]'")], None
+    try:
+        names = json.loads(raw)
+    except ValueError as exc:
+        return [_f("images_not_json", "images", raw, f"images is not valid JSON ({exc.msg})")], None
+    if not isinstance(names, list):
+        return [_f("images_not_list", "images", raw, "images must be a JSON array")], None
+    if not 1 <= len(names) <= 4:
+        return [_f("images_count_out_of_range", "images", raw,
+                   f"images holds {len(names)} entries; a group has 1-4")], None
+    findings: list[Finding] = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            findings.append(_f("image_name_invalid", "images", name,
+                               "every entry of images must be a non-empty file name"))
+        elif "/" in name or "\\" in name or ":" in name or name.startswith("PROJECT_ROOT"):
+            findings.append(_f("image_path_not_bare", "images", name,
+                               "store the bare file name only (no folder, drive or "
+                               "PROJECT_ROOT prefix)"))
+    if findings:
+        return findings, names
+    if len(set(names)) != len(names):
+        findings.append(_f("images_duplicate", "images", raw,
+                           "the same file name appears more than once in the group"))
+        return findings, names
+    if len(names) > 1:
+        ranks = [parse_stage(n) for n in names]
+        known = [r for r in ranks if r is not None]
+        if len(known) == len(ranks) and any(a > b for a, b in zip(known, known[1:], strict=False)):
+            findings.append(_f("images_stage_order", "images", raw,
+                               "images are not ordered lowest stage first"))
+    return findings, names
+
+
+def _check_index(fld: str, value: object, count: int, *, nullable: bool) -> list[Finding]:
+    if value is None:
+        if nullable:
+            return []
+        return [_f("index_out_of_range", fld, value, f"{fld} is NULL; the pick is unknown")]
+    if not _is_int(value):
+        return [_f("index_invalid", fld, value, f"{fld} must be an integer")]
+    assert isinstance(value, int)
+    if not 0 <= value < count:
+        return [_f("index_out_of_range", fld, value,
+                   f"{fld} = {value} but the group has {count} image(s) (valid: 0..{count - 1})")]
+    return []
+
+
+def _check_timestamp(fld: str, value: object, ctx: CheckContext, *, code: str) -> list[Finding]:
+    moment = parse_timestamp(value)
+    if moment is None:
+        return [_f(code, fld, value,
+                   f"{fld} is not a contract timestamp (e.g. '2025-10-23T20:44:56.880505Z', "
+                   "'2025-10-08 14:46:56', '20250728_040606')")]
+    if moment > ctx.now + ctx.future_slack:
+        return [_f("timestamp_in_future", fld, value,
+                   f"{fld} is later than now + {ctx.future_slack}; check the writer's clock")]
+    return []
+
+
+def check_row(row: tuple[object, ...], ctx: CheckContext) -> list[Finding]:  # noqa: C901
+    """Every per-row rule.  Cross-row rules (duplicates) live in the validation engine."""
+    out: list[Finding] = []
+    cols = ctx.columns
+
+    gid = row[GROUP_ID]
+    if not isinstance(gid, str) or not gid.strip():
+        out.append(_f("group_id_empty", "group_id", gid, "group_id must be a non-empty text key"))
+
+    pid = row[PROJECT_ID]
+    if "project_id" in cols:
+        if not isinstance(pid, str) or not pid.strip():
+            out.append(_f("project_id_empty", "project_id", pid, "project_id must be non-empty"))
+        elif pid.lower() != ctx.project.lower():
+            out.append(_f("project_id_mismatch", "project_id", pid,
+                          f"project_id differs from the DB file's project {ctx.project!r}"))
+
+    ts = row[TIMESTAMP]
+    if "timestamp" in cols:
+        if ts is None or ts == "":
+            out.append(_f("timestamp_missing", "timestamp", ts, "timestamp is empty"))
+        else:
+            out.extend(_check_timestamp("timestamp", ts, ctx, code="timestamp_unparseable"))
+
+    action = row[USER_ACTION]
+    if "user_action" in cols and action not in ACTIONS:
+        out.append(_f("user_action_invalid", "user_action", action,
+                      "user_action must be exactly 'approve', 'crop' or 'reject'"))
+
+    for fld, pos in (("image_width", WIDTH), ("image_height", HEIGHT)):
+        if fld in cols:
+            dim = row[pos]
+            if not _is_int(dim) or dim <= 0:  # type: ignore[operator]
+                out.append(_f("image_dimension_invalid", fld, dim,
+                              f"{fld} must be an integer number of pixels > 0"))
+
+    batch = row[BATCH_NUMBER]
+    if batch is not None and (not _is_int(batch) or batch < 1):  # type: ignore[operator]
+        out.append(_f("batch_number_invalid", "batch_number", batch,
+                      "batch_number must be NULL or an integer >= 1"))
+
+    names: list[str] | None = None
+    if "images" in cols:
+        found, names = check_images(row[IMAGES])
+        out.extend(found)
+    count = len(names) if names is not None else 4
+
+    user_idx, ai_idx = row[USER_INDEX], row[AI_INDEX]
+    if "user_selected_index" in cols:
+        out.extend(_check_index("user_selected_index", user_idx, count, nullable=False))
+    out.extend(_check_index("ai_selected_index", ai_idx, count, nullable=True))
+
+    conf = row[AI_CONFIDENCE]
+    if conf is not None and (
+        type(conf) not in _NUM or not (0.0 <= conf <= 1.0)  # type: ignore[operator]
+    ):
+        out.append(_f("ai_confidence_invalid", "ai_confidence", conf,
+                      "ai_confidence must be NULL or a number in [0, 1]"))
+
+    for fld, pos in (("selection_match", SELECTION_MATCH), ("crop_match", CROP_MATCH),
+                     ("ai_crop_accepted", AI_CROP_ACCEPTED)):
+        flag = row[pos]
+        if flag not in _FLAGS or type(flag) is float:
+            out.append(_f("flag_invalid", fld, flag, f"{fld} must be NULL, 0 or 1"))
+    sel = row[SELECTION_MATCH]
+    if sel in (0, 1) and _is_int(ai_idx) and _is_int(user_idx) and sel != int(ai_idx == user_idx):
+        out.append(_f("selection_match_inconsistent", "selection_match", sel,
+                      f"selection_match is {sel} but ai_selected_index={ai_idx!r} and "
+                      f"user_selected_index={user_idx!r}"))
+
+    found, _ = check_box("ai_crop_coords", row[AI_CROP])
+    out.extend(found)
+    found, box = check_box("final_crop_coords", row[FINAL_CROP])
+    out.extend(found)
+    final_raw = row[FINAL_CROP]
+    if action == "crop" and final_raw is None and "final_crop_coords" in cols:
+        out.append(_f("crop_incomplete", "final_crop_coords", final_raw,
+                      "crop row without final_crop_coords yet; kept out of the training set "
+                      "until the crop tool writes it"))
+    if box is not None:
+        if is_full_frame(box, ctx.full_frame_tolerance):
+            if action == "crop":
+                out.append(_f("crop_full_frame_placeholder", "final_crop_coords", final_raw,
+                              "a crop row whose final box is the full frame is a placeholder; "
+                              "it is treated as an approve, not as a crop label"))
+        else:
+            ratio = (box[2] - box[0]) / (box[3] - box[1])
+            if abs(ratio - 1.0) > ctx.aspect_tolerance:
+                out.append(_f("crop_aspect_mismatch", "final_crop_coords", final_raw,
+                              f"crop aspect differs from the image's by {abs(ratio - 1):.1%} "
+                              f"(tolerance {ctx.aspect_tolerance:.1%})"))
+
+    cts = row[CROP_TIMESTAMP]
+    if cts is None or cts == "":
+        if final_raw is not None and "crop_timestamp" in cols:
+            out.append(_f("crop_timestamp_missing", "crop_timestamp", cts,
+                          "final_crop_coords is set but crop_timestamp is empty"))
+    else:
+        out.extend(_check_timestamp("crop_timestamp", cts, ctx,
+                                    code="crop_timestamp_unparseable"))
+    return out
+
+
+def is_pending_crop(row: tuple[object, ...]) -> bool:
+    return row[USER_ACTION] == "crop" and row[FINAL_CROP] is None
+
+
+def codes_of(findings: Iterable[Finding]) -> set[str]:
+    return {f.code for f in findings}

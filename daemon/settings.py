@@ -1,0 +1,204 @@
+"""Configuration: ``config.toml`` overridden by ``TRAININGD_*`` environment variables.
+
+The only reader of configuration.  Every section rejects unknown keys (a typo in a nested TOML
+table is otherwise silently ignored).  Relative paths are resolved against the folder of the
+config file (or the working directory when running on the embedded defaults), so the service
+behaves the same whatever its working directory.  A bad config raises :class:`ConfigError`,
+whose message names the key, where it came from and the bad value; the CLI exits 78 on it.
+
+Precedence, highest first: environment (``TRAININGD_SECTION__KEY``), config file, defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from daemon.errors import ConfigError
+
+ENV_PREFIX = "TRAININGD_"
+ENV_CONFIG = "TRAININGD_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsSettings(_Section):
+    """Where the runtime tree lives.  Unset paths derive from ``data_root`` (the playbook's
+    layout); relative ones are taken from the config file's folder."""
+
+    data_root: Path = Path("data")
+    decisions_dir: Path | None = None  # default: <data_root>/training/ai_training_decisions
+    state_db: Path | None = None  # default: <data_root>/daemon/state.db
+    summaries_dir: Path | None = None  # default: <data_root>/daily_summaries
+
+
+class ValidationSettings(_Section):
+    chunk_rows: int = Field(5000, ge=100, le=1_000_000)
+    aspect_tolerance: float = Field(0.01, ge=0, le=1)
+    full_frame_tolerance: float = Field(0.001, ge=0, le=0.1)
+    future_slack_hours: float = Field(24.0, ge=0)
+    full_reconcile_minutes: float = Field(60.0, ge=0)
+    report_first_rows: int = Field(50, ge=0, le=10_000)
+
+
+class SourcesSettings(_Section):
+    busy_timeout_ms: int = Field(2000, ge=0, le=600_000)
+    busy_retry_seconds: float = Field(30.0, ge=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class ProjectSettings(_Section):
+    """``[projects.<name>]``: optional per project; DBs found in the decisions folder are
+    validated without one."""
+
+    db: Path | None = None  # default: <decisions_dir>/<name>.db
+    image_roots: list[Path] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True,
+        case_sensitive=False,
+    )
+
+    paths: PathsSettings = PathsSettings()
+    validation: ValidationSettings = ValidationSettings()
+    sources: SourcesSettings = SourcesSettings()
+    logging: LoggingSettings = LoggingSettings()
+    projects: dict[str, ProjectSettings] = Field(default_factory=dict)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the TOML file arrives as init kwargs; the environment overrides it
+        return (env_settings, init_settings)
+
+    # -- resolved paths -------------------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._config_file
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else (self._base_dir / path)
+
+    @property
+    def data_root(self) -> Path:
+        return self.resolve(self.paths.data_root)
+
+    @property
+    def decisions_dir(self) -> Path:
+        p = self.paths.decisions_dir
+        return self.resolve(p) if p else self.data_root / "training" / "ai_training_decisions"
+
+    @property
+    def state_db(self) -> Path:
+        p = self.paths.state_db
+        return self.resolve(p) if p else self.data_root / "daemon" / "state.db"
+
+    @property
+    def summaries_dir(self) -> Path:
+        p = self.paths.summaries_dir
+        return self.resolve(p) if p else self.data_root / "daily_summaries"
+
+    def project_db(self, name: str) -> Path:
+        cfg = self.projects.get(name)
+        if cfg is not None and cfg.db is not None:
+            return self.resolve(cfg.db)
+        return self.decisions_dir / f"{name}.db"
+
+    def with_data_root(self, root: Path) -> Settings:
+        """A copy whose runtime tree lives under ``root`` (the demo uses this)."""
+        paths = self.paths.model_copy(update={"data_root": root.resolve(), "decisions_dir": None,
+                                              "state_db": None, "summaries_dir": None})
+        new = self.model_copy(update={"paths": paths})
+        new._base_dir, new._config_file = self._base_dir, self._config_file
+        return new
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+
+
+def _describe(error: Any, origin: str) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    env = _env_name(loc)
+    env_hit = next((k for k in os.environ if k.upper() == env), None)
+    where = f"environment variable {env_hit}" if env_hit else origin
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key {key!r} = {value!r} (typo? see Documents/CONFIGURATION.md)"
+    return f"{where}: {key} = {value!r}: {error['msg']}"
+
+
+def _check_env_names() -> None:
+    allowed = {name.upper() for name in Settings.model_fields}
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == ENV_CONFIG:
+            continue
+        section = upper[len(ENV_PREFIX):].split("__", 1)[0]
+        if section not in allowed:
+            raise ConfigError(
+                f"config error: environment variable {name}: unknown key "
+                f"{section.lower()!r} = {os.environ[name]!r} "
+                f"(known sections: {', '.join(sorted(a.lower() for a in allowed))})"
+            )
+
+
+def load_settings(config: Path | str | None = None) -> Settings:
+    """Load settings from ``config`` (or ``$TRAININGD_CONFIG``, or ``./config.toml`` if present,
+    else the embedded defaults), with environment overrides.  Raises :class:`ConfigError`."""
+    explicit = config is not None or ENV_CONFIG in os.environ
+    if config is None:
+        config = os.environ.get(ENV_CONFIG) or "config.toml"
+    path = Path(config).expanduser().resolve()
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {path}: invalid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config error: {path}: cannot read: {exc.strerror}") from exc
+        origin, base, used = str(path), path.parent, path
+    elif explicit:
+        raise ConfigError(f"config error: {path}: no such config file")
+    else:
+        origin, base, used = "embedded defaults", Path.cwd(), None
+    _check_env_names()
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        lines = [_describe(e, origin) for e in exc.errors()]
+        raise ConfigError("config error: " + "\n  ".join(lines)) from None
+    settings._base_dir = base
+    settings._config_file = used
+    return settings

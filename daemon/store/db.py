@@ -1,0 +1,335 @@
+"""Access to the state DB.  One writer (the worker); every change in a ``BEGIN IMMEDIATE``
+transaction; readers (``trainingd status``) open it read-only.
+
+This room knows tables, not rules: the validation engine decides what to write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.errors import StoreError
+from daemon.records import Issue
+from daemon.store.migrations import MIGRATIONS
+from daemon.timeparse import iso_utc
+
+log = structlog.get_logger("store")
+
+SCHEMA_KEY = "#schema"
+_IN_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    project: str
+    db_path: str
+    db_inode: int | None
+    schema_kind: str
+    schema_fingerprint: str
+    rules_version: int
+    max_rowid: int
+    row_count: int
+    probes: tuple[tuple[int, str | None], ...]
+    last_checked_at: str | None
+    last_full_at: str | None
+    needs_full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """What the store remembers of one source row."""
+
+    row_key: str
+    group_id: str | None
+    src_rowid: int
+    digest: int
+    errors: int
+    warnings: int
+    user_action: str | None
+    pending_crop: bool
+
+
+class StateStore:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        self.path = str(path)
+        try:
+            if read_only:
+                uri = Path(path).resolve().as_uri() + "?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
+            else:
+                if self.path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=30, check_same_thread=False
+                )
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode: a crash of the process never loses a commit; a power cut
+                # may lose the last ones, which the next run re-derives from the sources.
+                self.conn.execute("PRAGMA synchronous = NORMAL")
+                self.migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"state DB {self.path}: {exc}") from exc
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending named migrations, each in its own transaction; return their names."""
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        done = {r[0] for r in self.conn.execute("SELECT name FROM schema_migrations")}
+        applied = []
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            with self.transaction():
+                for statement in _split_sql(sql):
+                    self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, datetime('now'))", (name,)
+                )
+            applied.append(name)
+            log.info("store.migration_applied", name=name, db=self.path)
+        return applied
+
+    def applied_migrations(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(self, project: str) -> Checkpoint | None:
+        row = self.conn.execute(
+            "SELECT project, db_path, db_inode, schema_kind, schema_fingerprint, rules_version, "
+            "max_rowid, row_count, probes, last_checked_at, last_full_at, needs_full "
+            "FROM projects WHERE project = ?",
+            (project,),
+        ).fetchone()
+        if row is None:
+            return None
+        probes = tuple((int(p[0]), p[1]) for p in json.loads(row[8]))
+        return Checkpoint(*row[:8], probes, row[9], row[10], bool(row[11]))  # type: ignore[arg-type]
+
+    def checkpoints(self) -> list[Checkpoint]:
+        names = [r[0] for r in self.conn.execute("SELECT project FROM projects ORDER BY project")]
+        return [cp for n in names if (cp := self.checkpoint(n)) is not None]
+
+    def put_checkpoint(self, cp: Checkpoint) -> None:
+        """Must run inside :meth:`transaction`, together with the results it covers."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO projects (project, db_path, db_inode, schema_kind, "
+            "schema_fingerprint, rules_version, max_rowid, row_count, probes, last_checked_at, "
+            "last_full_at, needs_full) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (cp.project, cp.db_path, cp.db_inode, cp.schema_kind, cp.schema_fingerprint,
+             cp.rules_version, cp.max_rowid, cp.row_count, json.dumps(cp.probes),
+             cp.last_checked_at, cp.last_full_at, int(cp.needs_full)),
+        )
+
+    def forget_project(self, project: str) -> None:
+        with self.transaction():
+            for table in ("projects", "row_state", "issues"):
+                self.conn.execute(f"DELETE FROM {table} WHERE project = ?", (project,))
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def row_states(self, project: str, keys: Iterable[str]) -> dict[str, RowState]:
+        ids = list(keys)
+        out: dict[str, RowState] = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            part = ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            for r in self.conn.execute(
+                "SELECT row_key, group_id, src_rowid, digest, errors, warnings, user_action, "
+                f"pending_crop FROM row_state WHERE project = ? AND row_key IN ({marks})",
+                (project, *part),
+            ):
+                out[r[0]] = RowState(*r[:7], bool(r[7]))
+        return out
+
+    def all_digests(self, project: str) -> dict[str, tuple[int, int]]:
+        """``row_key -> (digest, src_rowid)`` for a full reconcile."""
+        return {
+            r[0]: (r[1], r[2])
+            for r in self.conn.execute(
+                "SELECT row_key, digest, src_rowid FROM row_state WHERE project = ?", (project,)
+            )
+        }
+
+    def pending_crops(self, project: str) -> list[tuple[str, str | None, int]]:
+        """``(row_key, group_id, src_rowid)`` of rows still waiting for their final crop."""
+        return [
+            (r[0], r[1], r[2])
+            for r in self.conn.execute(
+                "SELECT row_key, group_id, src_rowid FROM row_state "
+                "WHERE project = ? AND pending_crop = 1",
+                (project,),
+            )
+        ]
+
+    def upsert_rows(self, project: str, rows: Sequence[tuple[Any, ...]], now: datetime) -> None:
+        """``rows``: ``(row_key, group_id, src_rowid, digest, errors, warnings, user_action,
+        pending_crop)``."""
+        stamp = iso_utc(now)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO row_state (project, row_key, group_id, src_rowid, digest, "
+            "errors, warnings, user_action, pending_crop, checked_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(project, *r, stamp) for r in rows],
+        )
+
+    def move_rows(self, project: str, moves: Sequence[tuple[int, str]]) -> None:
+        """Record new source rowids of unchanged rows (``(src_rowid, row_key)``)."""
+        self.conn.executemany(
+            "UPDATE row_state SET src_rowid = ? WHERE project = ? AND row_key = ?",
+            [(rowid, project, key) for rowid, key in moves],
+        )
+
+    def delete_rows(self, project: str, keys: Sequence[str]) -> None:
+        for i in range(0, len(keys), _IN_CHUNK):
+            part = list(keys[i : i + _IN_CHUNK])
+            marks = ",".join("?" * len(part))
+            self.conn.execute(
+                f"DELETE FROM row_state WHERE project = ? AND row_key IN ({marks})",
+                (project, *part),
+            )
+            self.conn.execute(
+                f"DELETE FROM issues WHERE project = ? AND row_key IN ({marks})",
+                (project, *part),
+            )
+
+    # -- issues ---------------------------------------------------------------------------------
+
+    def replace_issues(
+        self, project: str, keys: Sequence[str], issues: Sequence[tuple[str, Issue]],
+        now: datetime,
+    ) -> None:
+        """Drop the current issues of ``keys`` and insert ``issues`` (``(row_key, issue)``)."""
+        for i in range(0, len(keys), _IN_CHUNK):
+            part = list(keys[i : i + _IN_CHUNK])
+            marks = ",".join("?" * len(part))
+            self.conn.execute(
+                f"DELETE FROM issues WHERE project = ? AND row_key IN ({marks})",
+                (project, *part),
+            )
+        self.insert_issues(issues, now)
+
+    def insert_issues(self, issues: Sequence[tuple[str, Issue]], now: datetime) -> None:
+        stamp = iso_utc(now)
+        self.conn.executemany(
+            "INSERT INTO issues (project, row_key, db_file, group_id, src_rowid, code, severity, "
+            "field, value_repr, message, seen_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(i.project, key, i.db_file, i.group_id, i.rowid, i.code, i.severity, i.field,
+              i.value_repr, i.message, stamp) for key, i in issues],
+        )
+
+    def issues(
+        self, project: str | None = None, *, severity: str | None = None,
+        limit: int | None = None,
+    ) -> list[Issue]:
+        sql = ("SELECT code, severity, project, db_file, group_id, src_rowid, field, value_repr, "
+               "message FROM issues WHERE 1=1")
+        params: list[Any] = []
+        if project is not None:
+            sql += " AND project = ?"
+            params.append(project)
+        if severity is not None:
+            sql += " AND severity = ?"
+            params.append(severity)
+        sql += " ORDER BY project, row_key = '#schema' DESC, src_rowid, code, field"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [Issue(*r) for r in self.conn.execute(sql, params)]
+
+    def issue_counts(self, project: str) -> dict[str, int]:
+        return dict(self.conn.execute(
+            "SELECT severity, count(*) FROM issues WHERE project = ? GROUP BY severity",
+            (project,),
+        ).fetchall())
+
+    def issue_codes(self, project: str | None = None) -> dict[str, int]:
+        if project is None:
+            rows = self.conn.execute("SELECT code, count(*) FROM issues GROUP BY code")
+        else:
+            rows = self.conn.execute(
+                "SELECT code, count(*) FROM issues WHERE project = ? GROUP BY code", (project,)
+            )
+        return dict(rows.fetchall())
+
+    def row_figures(self, project: str) -> dict[str, int]:
+        r = self.conn.execute(
+            "SELECT count(*), coalesce(sum(errors > 0), 0), coalesce(sum(warnings > 0), 0), "
+            "coalesce(sum(pending_crop), 0) FROM row_state WHERE project = ?",
+            (project,),
+        ).fetchone()
+        return {"validated": r[0], "rows_with_errors": r[1], "rows_with_warnings": r[2],
+                "pending_crops": r[3]}
+
+    def other_projects_with(self, group_ids: Iterable[str]) -> dict[str, list[tuple[str, str, int]]]:
+        """``group_id -> [(project, row_key, src_rowid), ...]`` for ids held by 2+ projects."""
+        ids = list(group_ids)
+        found: dict[str, list[tuple[str, str, int]]] = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            part = ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            for gid, project, key, rowid in self.conn.execute(
+                "SELECT group_id, project, row_key, src_rowid FROM row_state "
+                f"WHERE group_id IN ({marks}) ORDER BY group_id, project",
+                part,
+            ):
+                found.setdefault(gid, []).append((project, key, rowid))
+        return {g: v for g, v in found.items() if len({p for p, _, _ in v}) > 1}
+
+    def delete_issues_by_code(self, code: str, group_ids: Iterable[str]) -> None:
+        ids = list(group_ids)
+        for i in range(0, len(ids), _IN_CHUNK):
+            part = ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            self.conn.execute(
+                f"DELETE FROM issues WHERE code = ? AND group_id IN ({marks})", (code, *part)
+            )
+
+    # -- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script, split where SQLite's own tokenizer says a statement
+    is complete (so ';' inside comments or literals is safe)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return statements
