@@ -1,4 +1,4 @@
-"""trainingd: keeps the training data of an image-review workflow clean, embedded and learned from."""
+"""trainingd: keeps the training data of an image-review workflow clean, embedded, learned from."""
 
 from __future__ import annotations
 

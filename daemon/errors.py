@@ -7,7 +7,7 @@ Bad *input* (a broken row, sidecar, image or CSV line) is never an exception: it
      ├─ ConfigError            bad config.toml / env -> exit 78 (systemd does not restart-loop)
      ├─ SourceError            a decision DB or sidecar cannot be read now
      │   ├─ SourceBusyError    transient (locked): retried later
-     │   └─ SchemaError        not a readable v3 decision DB: reported for that project, others go on
+     │   └─ SchemaError        not a readable v3 decision DB: reported, other projects go on
      ├─ EmbeddingError         model or device failure (one bad image is an issue, not an error)
      ├─ TrainingError
      │   └─ NotEnoughDataError expected; logged, retrain skipped

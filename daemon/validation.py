@@ -381,7 +381,8 @@ class _Run:
                     moves.append((int(row[ROWID]), key))
                 continue
             findings = check_row(row, self.ctx)
-            if key.startswith("#rowid:") and isinstance(row[GROUP_ID], str) and row[GROUP_ID]:
+            gid_raw = row[GROUP_ID]
+            if key.startswith("#rowid:") and isinstance(gid_raw, str) and gid_raw.strip():
                 findings.append(Finding("group_id_duplicate", "group_id", repr(row[GROUP_ID]),
                                         "another row of this DB has the same group_id; "
                                         "this later copy is excluded from training"))
@@ -403,7 +404,9 @@ class _Run:
         with self.store.transaction():
             if upserts:
                 self.store.upsert_rows(self.project, upserts, self.now)
-                self.store.replace_issues(self.project, checked_keys, issues, self.now)
+                # only rows the store held before can have issues to replace
+                self.store.replace_issues(self.project, [k for k in checked_keys if k in known],
+                                          issues, self.now)
                 self._refresh_cross_project([k for k in checked_keys if not k.startswith("#")])
             if moves:
                 self.store.move_rows(self.project, moves)

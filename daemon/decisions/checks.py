@@ -8,11 +8,13 @@ the common, clean path does as little work as possible.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from daemon.images import parse_stage
 from daemon.records import Finding
@@ -63,7 +65,7 @@ def check_box(fld: str, raw: object) -> tuple[list[Finding], Box | None]:
                    "'[0.1, 0.2, 0.8, 0.9]', got a non-text value")], None
     try:
         value = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return [_f("crop_coords_not_json", fld, raw, f"{fld} is not valid JSON ({exc.msg})")], None
     if not isinstance(value, list) or len(value) != 4:
         return [_f("crop_coords_wrong_shape", fld, raw,
@@ -99,7 +101,7 @@ def check_images(raw: object) -> tuple[list[Finding], list[str] | None]:
                    "images must be JSON text like '[\"a.png\", \"b.png\"]'")], None
     try:
         names = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return [_f("images_not_json", "images", raw, f"images is not valid JSON ({exc.msg})")], None
     if not isinstance(names, list):
         return [_f("images_not_list", "images", raw, "images must be a JSON array")], None
@@ -124,7 +126,7 @@ def check_images(raw: object) -> tuple[list[Finding], list[str] | None]:
     if len(names) > 1:
         ranks = [parse_stage(n) for n in names]
         known = [r for r in ranks if r is not None]
-        if len(known) == len(ranks) and any(a > b for a, b in zip(known, known[1:], strict=False)):
+        if len(known) == len(ranks) and any(a > b for a, b in itertools.pairwise(known)):
             findings.append(_f("images_stage_order", "images", raw,
                                "images are not ordered lowest stage first"))
     return findings, names
@@ -156,82 +158,80 @@ def _check_timestamp(fld: str, value: object, ctx: CheckContext, *, code: str) -
     return []
 
 
-def check_row(row: tuple[object, ...], ctx: CheckContext) -> list[Finding]:  # noqa: C901
-    """Every per-row rule.  Cross-row rules (duplicates) live in the validation engine."""
+def check_row(row: tuple[Any, ...], ctx: CheckContext) -> list[Finding]:
+    """Every per-row rule.  Cross-row rules (duplicates) live in the validation engine.
+
+    Each rule has an inline fast path for the clean value and falls back to the detailed
+    check only when that fails: this function runs once per row of a full validation.
+    """
     out: list[Finding] = []
     cols = ctx.columns
+    (_, gid, ts, pid, _directory, batch, images_raw, ai_idx, ai_crop, conf, user_idx, action,
+     final_raw, cts, width, height, sel, cmatch, accepted) = row
 
-    gid = row[GROUP_ID]
-    if not isinstance(gid, str) or not gid.strip():
+    if gid.__class__ is not str or not gid.strip():
         out.append(_f("group_id_empty", "group_id", gid, "group_id must be a non-empty text key"))
 
-    pid = row[PROJECT_ID]
-    if "project_id" in cols:
-        if not isinstance(pid, str) or not pid.strip():
+    if pid != ctx.project and "project_id" in cols:
+        if pid.__class__ is not str or not pid.strip():
             out.append(_f("project_id_empty", "project_id", pid, "project_id must be non-empty"))
         elif pid.lower() != ctx.project.lower():
             out.append(_f("project_id_mismatch", "project_id", pid,
                           f"project_id differs from the DB file's project {ctx.project!r}"))
 
-    ts = row[TIMESTAMP]
     if "timestamp" in cols:
         if ts is None or ts == "":
             out.append(_f("timestamp_missing", "timestamp", ts, "timestamp is empty"))
         else:
             out.extend(_check_timestamp("timestamp", ts, ctx, code="timestamp_unparseable"))
 
-    action = row[USER_ACTION]
-    if "user_action" in cols and action not in ACTIONS:
+    if action not in ACTIONS and "user_action" in cols:
         out.append(_f("user_action_invalid", "user_action", action,
                       "user_action must be exactly 'approve', 'crop' or 'reject'"))
 
-    for fld, pos in (("image_width", WIDTH), ("image_height", HEIGHT)):
-        if fld in cols:
-            dim = row[pos]
-            if not _is_int(dim) or dim <= 0:  # type: ignore[operator]
-                out.append(_f("image_dimension_invalid", fld, dim,
-                              f"{fld} must be an integer number of pixels > 0"))
+    if not (width.__class__ is int and width > 0) and "image_width" in cols:
+        out.append(_f("image_dimension_invalid", "image_width", width,
+                      "image_width must be an integer number of pixels > 0"))
+    if not (height.__class__ is int and height > 0) and "image_height" in cols:
+        out.append(_f("image_dimension_invalid", "image_height", height,
+                      "image_height must be an integer number of pixels > 0"))
 
-    batch = row[BATCH_NUMBER]
-    if batch is not None and (not _is_int(batch) or batch < 1):  # type: ignore[operator]
+    if batch is not None and not (batch.__class__ is int and batch >= 1):
         out.append(_f("batch_number_invalid", "batch_number", batch,
                       "batch_number must be NULL or an integer >= 1"))
 
     names: list[str] | None = None
     if "images" in cols:
-        found, names = check_images(row[IMAGES])
+        found, names = check_images(images_raw)
         out.extend(found)
     count = len(names) if names is not None else 4
 
-    user_idx, ai_idx = row[USER_INDEX], row[AI_INDEX]
-    if "user_selected_index" in cols:
+    if not (user_idx.__class__ is int and 0 <= user_idx < count) and "user_selected_index" in cols:
         out.extend(_check_index("user_selected_index", user_idx, count, nullable=False))
-    out.extend(_check_index("ai_selected_index", ai_idx, count, nullable=True))
+    if ai_idx is not None and not (ai_idx.__class__ is int and 0 <= ai_idx < count):
+        out.extend(_check_index("ai_selected_index", ai_idx, count, nullable=True))
 
-    conf = row[AI_CONFIDENCE]
-    if conf is not None and (
-        type(conf) not in _NUM or not (0.0 <= conf <= 1.0)  # type: ignore[operator]
-    ):
+    if conf is not None and not (conf.__class__ in _NUM and 0.0 <= conf <= 1.0):
         out.append(_f("ai_confidence_invalid", "ai_confidence", conf,
                       "ai_confidence must be NULL or a number in [0, 1]"))
 
-    for fld, pos in (("selection_match", SELECTION_MATCH), ("crop_match", CROP_MATCH),
-                     ("ai_crop_accepted", AI_CROP_ACCEPTED)):
-        flag = row[pos]
-        if flag not in _FLAGS or type(flag) is float:
+    for fld, flag in (("selection_match", sel), ("crop_match", cmatch),
+                      ("ai_crop_accepted", accepted)):
+        if flag is not None and not (flag.__class__ is int and 0 <= flag <= 1):
             out.append(_f("flag_invalid", fld, flag, f"{fld} must be NULL, 0 or 1"))
-    sel = row[SELECTION_MATCH]
-    if sel in (0, 1) and _is_int(ai_idx) and _is_int(user_idx) and sel != int(ai_idx == user_idx):
+    if (sel.__class__ is int and 0 <= sel <= 1 and ai_idx.__class__ is int
+            and user_idx.__class__ is int and sel != (ai_idx == user_idx)):
         out.append(_f("selection_match_inconsistent", "selection_match", sel,
                       f"selection_match is {sel} but ai_selected_index={ai_idx!r} and "
                       f"user_selected_index={user_idx!r}"))
 
-    found, _ = check_box("ai_crop_coords", row[AI_CROP])
-    out.extend(found)
-    found, box = check_box("final_crop_coords", row[FINAL_CROP])
-    out.extend(found)
-    final_raw = row[FINAL_CROP]
-    if action == "crop" and final_raw is None and "final_crop_coords" in cols:
+    if ai_crop is not None:
+        out.extend(check_box("ai_crop_coords", ai_crop)[0])
+    box: Box | None = None
+    if final_raw is not None:
+        found, box = check_box("final_crop_coords", final_raw)
+        out.extend(found)
+    elif action == "crop" and "final_crop_coords" in cols:
         out.append(_f("crop_incomplete", "final_crop_coords", final_raw,
                       "crop row without final_crop_coords yet; kept out of the training set "
                       "until the crop tool writes it"))
@@ -248,7 +248,6 @@ def check_row(row: tuple[object, ...], ctx: CheckContext) -> list[Finding]:  # n
                               f"crop aspect differs from the image's by {abs(ratio - 1):.1%} "
                               f"(tolerance {ctx.aspect_tolerance:.1%})"))
 
-    cts = row[CROP_TIMESTAMP]
     if cts is None or cts == "":
         if final_raw is not None and "crop_timestamp" in cols:
             out.append(_f("crop_timestamp_missing", "crop_timestamp", cts,

@@ -131,8 +131,12 @@ class StateStore:
         ).fetchone()
         if row is None:
             return None
-        probes = tuple((int(p[0]), p[1]) for p in json.loads(row[8]))
-        return Checkpoint(*row[:8], probes, row[9], row[10], bool(row[11]))  # type: ignore[arg-type]
+        return Checkpoint(
+            project=row[0], db_path=row[1], db_inode=row[2], schema_kind=row[3],
+            schema_fingerprint=row[4], rules_version=row[5], max_rowid=row[6], row_count=row[7],
+            probes=tuple((int(p[0]), p[1]) for p in json.loads(row[8])),
+            last_checked_at=row[9], last_full_at=row[10], needs_full=bool(row[11]),
+        )
 
     def checkpoints(self) -> list[Checkpoint]:
         names = [r[0] for r in self.conn.execute("SELECT project FROM projects ORDER BY project")]
@@ -167,7 +171,10 @@ class StateStore:
                 f"pending_crop FROM row_state WHERE project = ? AND row_key IN ({marks})",
                 (project, *part),
             ):
-                out[r[0]] = RowState(*r[:7], bool(r[7]))
+                out[r[0]] = RowState(
+                    row_key=r[0], group_id=r[1], src_rowid=r[2], digest=r[3], errors=r[4],
+                    warnings=r[5], user_action=r[6], pending_crop=bool(r[7]),
+                )
         return out
 
     def all_digests(self, project: str) -> dict[str, tuple[int, int]]:
@@ -184,7 +191,9 @@ class StateStore:
         return [
             (r[0], r[1], r[2])
             for r in self.conn.execute(
-                "SELECT row_key, group_id, src_rowid FROM row_state "
+                # the planner prefers the primary key without ANALYZE stats; the partial index
+                # holds only pending rows, so this stays small however large the project grows
+                "SELECT row_key, group_id, src_rowid FROM row_state INDEXED BY row_state_pending "
                 "WHERE project = ? AND pending_crop = 1",
                 (project,),
             )
@@ -289,12 +298,22 @@ class StateStore:
         return {"validated": r[0], "rows_with_errors": r[1], "rows_with_warnings": r[2],
                 "pending_crops": r[3]}
 
-    def other_projects_with(self, group_ids: Iterable[str]) -> dict[str, list[tuple[str, str, int]]]:
+    def other_projects_with(
+        self, group_ids: Iterable[str]
+    ) -> dict[str, list[tuple[str, str, int]]]:
         """``group_id -> [(project, row_key, src_rowid), ...]`` for ids held by 2+ projects."""
         ids = list(group_ids)
-        found: dict[str, list[tuple[str, str, int]]] = {}
+        shared: list[str] = []
         for i in range(0, len(ids), _IN_CHUNK):
             part = ids[i : i + _IN_CHUNK]
+            marks = ",".join("?" * len(part))
+            # aggregate in SQL: the usual answer is "none", and no row crosses into Python
+            shared.extend(r[0] for r in self.conn.execute(
+                f"SELECT group_id FROM row_state WHERE group_id IN ({marks}) "
+                "GROUP BY group_id HAVING count(DISTINCT project) > 1", part))
+        found: dict[str, list[tuple[str, str, int]]] = {}
+        for i in range(0, len(shared), _IN_CHUNK):
+            part = shared[i : i + _IN_CHUNK]
             marks = ",".join("?" * len(part))
             for gid, project, key, rowid in self.conn.execute(
                 "SELECT group_id, project, row_key, src_rowid FROM row_state "
@@ -302,7 +321,7 @@ class StateStore:
                 part,
             ):
                 found.setdefault(gid, []).append((project, key, rowid))
-        return {g: v for g, v in found.items() if len({p for p, _, _ in v}) > 1}
+        return found
 
     def delete_issues_by_code(self, code: str, group_ids: Iterable[str]) -> None:
         ids = list(group_ids)
