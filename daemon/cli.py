@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sqlite3
 import sys
@@ -70,8 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="demo data root (default: <data_root>/demo)")
     p.add_argument("--rows", type=int, default=200)
 
+    from daemon.backfill_cli import add_backfill_parser
+
+    add_backfill_parser(sub, common)
+
     p = sub.add_parser("codes", parents=[common], help="print the table of issue codes")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--write-doc", type=Path, nargs="?", const=Path("Documents/ISSUE_CODES.md"),
+                   help="(maintainers) regenerate Documents/ISSUE_CODES.md")
     return parser
 
 
@@ -85,9 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or settings.logging.level,
                       args.log_format or settings.logging.format, stream=sys.stderr)
     handler = {"validate": cmd_validate, "inspect": cmd_inspect, "status": cmd_status,
-               "demo": cmd_demo, "codes": cmd_codes}[args.command]
+               "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill}[args.command]
     try:
         return handler(args, settings)
+    except BrokenPipeError:  # `trainingd validate | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as exc:
         print(f"trainingd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -276,10 +286,21 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings.with_data_root(root), rows=args.rows, marker=DEMO_MARKER)
 
 
-def cmd_codes(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.codes import CODES
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.backfill_cli import cmd_backfill as run
 
-    if args.json:
+    return run(args, settings)
+
+
+def cmd_codes(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.codes import CODES, render_issue_codes_doc
+
+    if args.write_doc:
+        from daemon.fsutil import atomic_write_text
+
+        atomic_write_text(args.write_doc, render_issue_codes_doc())
+        print(args.write_doc)
+    elif args.json:
         json.dump({c.code: {"severity": c.severity, "room": c.room, "meaning": c.meaning,
                             "action": c.action} for c in CODES.values()}, sys.stdout, indent=2)
         sys.stdout.write("\n")

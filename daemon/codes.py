@@ -21,7 +21,7 @@ class Code:
 
 
 _CODES: tuple[Code, ...] = (
-    # -- database files and schema ------------------------------------------------------------
+    # -- database files and schema --
     Code("db_unreadable", "error", "schema",
          "The file cannot be opened as SQLite (corrupt, truncated, not a database, no permission).",
          "Restore the file from its backup or fix its permissions; other projects go on."),
@@ -42,7 +42,8 @@ _CODES: tuple[Code, ...] = (
          "Check which tool added it; document it or drop it."),
     Code("schema_missing_check", "warning", "schema",
          "A CHECK constraint of the canonical DDL is absent, so the DB accepts invalid values.",
-         "Rows are still validated here; recreate the DB with the canonical DDL to stop bad writes."),
+         "Rows are still validated here; recreate the DB with the canonical DDL to stop "
+         "bad writes."),
     Code("schema_missing_index", "warning", "schema",
          "A canonical index is missing (slower queries in the upstream tools only).",
          "Create it from Documents/SCHEMA_REFERENCE.md."),
@@ -52,7 +53,7 @@ _CODES: tuple[Code, ...] = (
     Code("schema_group_id_not_unique", "warning", "schema",
          "`group_id` is not the PRIMARY KEY, so the DB can hold two rows for one group.",
          "Duplicates are reported row by row as `group_id_duplicate`; recreate with the DDL."),
-    # -- identity -----------------------------------------------------------------------------
+    # -- identity --
     Code("group_id_empty", "error", "row",
          "`group_id` is NULL, empty or only whitespace.",
          "Fix the row in the upstream tool; the row cannot be linked to sidecars or crops."),
@@ -68,7 +69,7 @@ _CODES: tuple[Code, ...] = (
     Code("project_id_mismatch", "warning", "row",
          "`project_id` differs (ignoring case) from the DB file name.",
          "Rename the DB or correct the rows; training keys by the DB's project."),
-    # -- time ---------------------------------------------------------------------------------
+    # -- time --
     Code("timestamp_missing", "error", "row",
          "`timestamp` is NULL or empty.", "Restore the review time from the reviewer's logs."),
     Code("timestamp_unparseable", "error", "row",
@@ -83,7 +84,7 @@ _CODES: tuple[Code, ...] = (
     Code("crop_timestamp_missing", "warning", "row",
          "`final_crop_coords` is set but `crop_timestamp` is empty.",
          "Harmless for training; the crop tool should record when it cropped."),
-    # -- action and dimensions ----------------------------------------------------------------
+    # -- action and dimensions --
     Code("user_action_invalid", "error", "row",
          "`user_action` is not exactly one of approve, crop, reject (case and spaces count).",
          "Correct the value upstream; the row is excluded from training."),
@@ -91,8 +92,9 @@ _CODES: tuple[Code, ...] = (
          "`image_width` or `image_height` is not an integer > 0.",
          "Re-read the size from the image file (a crop tool once logged the displayed size)."),
     Code("batch_number_invalid", "warning", "row",
-         "`batch_number` is neither NULL nor an integer >= 1.", "Informational; not used in training."),
-    # -- images -------------------------------------------------------------------------------
+         "`batch_number` is neither NULL nor an integer >= 1.",
+         "Informational; not used in training."),
+    # -- images --
     Code("images_not_json", "error", "row",
          "`images` is not valid JSON text.", "Rewrite it as a JSON array of file names."),
     Code("images_not_list", "error", "row",
@@ -110,7 +112,7 @@ _CODES: tuple[Code, ...] = (
     Code("images_stage_order", "warning", "row",
          "The images are not ordered lowest stage first.",
          "Stage-based baselines read the order; check the reviewer version that wrote the row."),
-    # -- selection ----------------------------------------------------------------------------
+    # -- selection --
     Code("index_invalid", "error", "row",
          "`user_selected_index` or `ai_selected_index` is not an integer.",
          "Correct the index; the pick of the group is unknown otherwise."),
@@ -125,7 +127,7 @@ _CODES: tuple[Code, ...] = (
     Code("selection_match_inconsistent", "warning", "row",
          "`selection_match` disagrees with `ai_selected_index == user_selected_index`.",
          "The deployed-model metrics use the indexes, not this flag."),
-    # -- crops --------------------------------------------------------------------------------
+    # -- crops --
     Code("crop_coords_not_json", "error", "row",
          "A crop column is not valid JSON text.", "Rewrite it as `[x1, y1, x2, y2]`."),
     Code("crop_coords_wrong_shape", "error", "row",
@@ -152,6 +154,61 @@ _CODES: tuple[Code, ...] = (
     Code("crop_incomplete", "warning", "row",
          "A `crop` row has no `final_crop_coords` yet (cropping pending).",
          "Nothing to do if the crop tool is still working; kept out of the training set."),
+    # -- backfill (legacy CSV lines) --
+    Code("backfill_format_unknown", "error", "backfill",
+         "A CSV's header matches none of the legacy formats; the whole file is skipped.",
+         "Check the file is a legacy log (data contract section 5); see Documents/BACKFILL.md."),
+    Code("backfill_csv_malformed", "error", "backfill",
+         "The CSV module cannot read the line (NUL byte, broken quoting).",
+         "Repair the line in a copy of the CSV and backfill the copy."),
+    Code("backfill_row_shifted", "error", "backfill",
+         "The line's fields do not line up with its header (too few fields, a ragged image block, "
+         "a timestamp in a coordinate column, a second header): appended under another header.",
+         "Split the rows written under the other header into their own CSV with that header."),
+    Code("backfill_timestamp_missing", "error", "backfill",
+         "The line's timestamp is empty.", "Restore the time from another log, or leave it out."),
+    Code("backfill_timestamp_unparseable", "error", "backfill",
+         "The line's timestamp is in none of the contract's formats.",
+         "Rewrite it as ISO-8601 in a copy of the CSV."),
+    Code("backfill_path_empty", "error", "backfill",
+         "The chosen image path is empty.", "Nothing to backfill from this line."),
+    Code("backfill_list_unparseable", "error", "backfill",
+         "`rejected_paths` is not a Python list of strings, or `neg_paths` not a JSON array.",
+         "Repair the list in a copy of the CSV (it is parsed without eval)."),
+    Code("backfill_group_invalid", "error", "backfill",
+         "The group has an empty path, a repeated file name, or more than 4 images.",
+         "A v3 row holds 1-4 distinct images; split or repair the group upstream."),
+    Code("backfill_chosen_not_in_group", "error", "backfill",
+         "The chosen image is not among the group's logged images.",
+         "The line is inconsistent; check the reviewer log of that session."),
+    Code("backfill_project_unknown", "error", "backfill",
+         "No project for the line: the path does not name one, or no --window covers its time.",
+         "Give --project, or a --window covering the line's timestamp."),
+    Code("backfill_image_size_missing", "error", "backfill",
+         "Width/height are zero, missing or fractional and the image is not under any image root.",
+         "Pass --image-root with the folder holding the image, so its size is read from the file."),
+    Code("backfill_box_unparseable", "error", "backfill",
+         "A crop coordinate is empty or not a finite number.",
+         "Nothing to recover; redo the crop."),
+    Code("backfill_box_out_of_range", "error", "backfill",
+         "The box has a negative value or reaches outside the image (after pixel normalization).",
+         "Check the logged image size; the crop tool may have logged the displayed size."),
+    Code("backfill_box_inverted", "error", "backfill",
+         "The box has x1 > x2 or y1 > y2.", "Redo the crop; corners were swapped."),
+    Code("backfill_box_empty", "error", "backfill",
+         "The box has zero width or height.", "Redo the crop."),
+    Code("backfill_duplicate_image", "error", "backfill",
+         "The same image of the same project was already converted from an earlier line.",
+         "The first line is kept; put the correct line first if a later one is the correction."),
+    Code("backfill_full_frame_as_approve", "warning", "backfill",
+         "A full-frame or placeholder crop: recorded as `approve` with final box [0, 0, 1, 1].",
+         "Nothing to do; counted in the report (not a crop label)."),
+    Code("backfill_size_from_image_file", "warning", "backfill",
+         "The logged size was unusable; the size was read from the image file under an image root.",
+         "Nothing to do; check the report if many lines needed it."),
+    Code("backfill_crop_without_coords", "warning", "backfill",
+         "A crop log without coordinates: recorded as `crop` with no final box (crop_incomplete).",
+         "Nothing to do; such rows teach the pick but not the crop."),
 )
 
 CODES: dict[str, Code] = {c.code: c for c in _CODES}
@@ -167,3 +224,45 @@ def render_markdown_table() -> str:
     for c in _CODES:
         lines.append(f"| `{c.code}` | {c.severity} | {c.room} | {c.meaning} | {c.action} |")
     return "\n".join(lines) + "\n"
+
+
+ISSUE_CODES_DOC = "Documents/ISSUE_CODES.md"
+_DOC_HEADER = """# Issue codes
+
+Every problem trainingd finds in its input becomes an **issue record**; nothing is skipped
+silently and nothing is modified to make it fit. This table is generated from `daemon/codes.py`
+(`trainingd codes` prints it; a test keeps this page equal to it). Codes are stable: filters in
+`jq` and dashboards can rely on them.
+
+## The issue record
+
+| field | meaning |
+|---|---|
+| `code` | stable code from the table below |
+| `severity` | `error`: the row (or DB) is excluded from training; `warning`: reported, \
+still usable (for `crop_incomplete`: not yet) |
+| `project` | the project the DB file belongs to (file name without `.db`, `_temp`, `.backup-*`) |
+| `db_file` | absolute path of the decision DB |
+| `group_id` | the row's `group_id` as stored (`null` for schema findings and non-text ids) |
+| `rowid` | SQLite rowid of the row when it was checked (`null` for schema findings) |
+| `field` | the column at fault |
+| `value_repr` | Python `repr()` of the value exactly as read: `'1787.0'` (text) vs \
+`1787.0` (number) vs `None` |
+| `message` | one sentence a person can act on |
+
+Where to see them: `trainingd validate` (errors, plus counts by code), `trainingd validate --json`
+(every issue), the inspection report (`trainingd inspect`), and the state DB table `issues`.
+
+Severity decides training eligibility: a row with any `error` never reaches a training set; a
+crop row is used as a crop label only once `final_crop_coords` is present and valid, and a
+full-frame placeholder crop is treated as an approve.
+
+## Codes
+
+"""
+
+
+def render_issue_codes_doc() -> str:
+    """The whole of Documents/ISSUE_CODES.md.  Regenerate it with
+    ``python -m daemon codes --write-doc`` after adding a code."""
+    return _DOC_HEADER + render_markdown_table()

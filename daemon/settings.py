@@ -64,6 +64,8 @@ class ProjectSettings(_Section):
 
     db: Path | None = None  # default: <decisions_dir>/<name>.db
     image_roots: list[Path] = Field(default_factory=list)
+    #: whether rows written by ``trainingd backfill`` count as new labels for retraining
+    backfill_counts_toward_retrain: bool = False
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,30 @@
+"""Backfill: turn the legacy CSV logs into NEW v3 decision DBs, with an inspection report first.
+
+Three rooms: :mod:`.convert` (pure: one CSV line -> one row or one rejection), :mod:`.run`
+(streaming I/O, cross-line state, the new DBs) and :mod:`.report` (the inspection report).
+It never modifies an input CSV or an existing file.
+"""
+
+from __future__ import annotations
+
+from daemon.backfill.convert import ConvertContext, Window, parse_window
+from daemon.backfill.report import write_report
+from daemon.backfill.run import (
+    BackfillError,
+    BackfillOptions,
+    BackfillOutcome,
+    TargetExistsError,
+    run_backfill,
+)
+
+__all__ = [
+    "BackfillError",
+    "BackfillOptions",
+    "BackfillOutcome",
+    "ConvertContext",
+    "TargetExistsError",
+    "Window",
+    "parse_window",
+    "run_backfill",
+    "write_report",
+]

@@ -1,0 +1,472 @@
+"""Streaming backfill: read legacy CSVs line by line, keep cross-line state on disk, write new DBs.
+
+Memory stays flat as the input grows: lines are streamed with the ``csv`` module, and the only
+state that grows with the input (which images were seen, which group_ids are taken, every
+rejection for the report) lives in a scratch SQLite file, not in Python objects.  Output DBs are
+built under a temp name in the target folder and linked into place only when complete, so a
+partial DB never sits under a target name; an existing file is never overwritten or modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from PIL import Image, UnidentifiedImageError
+
+from daemon.backfill.convert import (
+    ConvertContext,
+    Converted,
+    CsvLayout,
+    Note,
+    ProjectFrom,
+    Window,
+    convert_line,
+    detect_layout,
+)
+from daemon.codes import SEVERITY
+from daemon.decisions.schema import COLUMNS, create_v3_db
+from daemon.errors import DaemonError
+from daemon.fsutil import fsync_dir
+from daemon.images import IMAGE_SUFFIXES
+from daemon.sample import INSERT_SQL
+
+log = structlog.get_logger("backfill")
+
+COMMIT_EVERY = 5000
+
+
+class BackfillError(DaemonError):
+    """The backfill cannot run as asked (bad arguments, unreadable CSV); nothing was written."""
+
+
+class TargetExistsError(BackfillError):
+    """A DB the backfill would create already exists; nothing was written or changed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"refusing to overwrite existing file {path}: backfill only creates "
+                         "new DBs; move it away or choose another --out")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillOptions:
+    csv_paths: tuple[Path, ...]
+    decisions_dir: Path
+    execute: bool = False
+    project: str | None = None
+    project_from: ProjectFrom = "folder"
+    windows: tuple[Window, ...] = ()
+    image_roots: tuple[Path, ...] = ()
+    project_image_roots: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+    out: Path | None = None
+    full_frame_tolerance: float = 0.001
+    first_rows: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class LineIssue:
+    """A rejection (error) or a conversion note (warning) for one CSV line."""
+
+    file: str
+    line: int
+    project: str | None
+    code: str
+    severity: str
+    field: str | None
+    value_repr: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "project": self.project,
+                "code": self.code, "severity": self.severity, "field": self.field,
+                "value_repr": self.value_repr, "message": self.message}
+
+
+@dataclass
+class FileSummary:
+    file: str
+    format: str | None
+    sha256: str = ""
+    lines: int = 0
+    converted: int = 0
+    rejected: int = 0
+    blank_lines: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BackfillOutcome:
+    """Everything the report needs; the issue lists stay in the scratch DB (see ``issues``)."""
+
+    files: list[FileSummary] = field(default_factory=list)
+    first_rows: list[dict[str, str]] = field(default_factory=list)
+    by_action: Counter[str] = field(default_factory=Counter)
+    by_project: Counter[str] = field(default_factory=Counter)
+    by_project_action: dict[str, Counter[str]] = field(default_factory=dict)
+    by_code: Counter[str] = field(default_factory=Counter)
+    targets: dict[str, Path] = field(default_factory=dict)
+    existing_targets: list[Path] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+    scratch: sqlite3.Connection | None = None
+
+    @property
+    def converted(self) -> int:
+        return sum(f.converted for f in self.files)
+
+    @property
+    def rejected(self) -> int:
+        return sum(f.rejected for f in self.files)
+
+    def issues(self, severity: str, limit: int | None = None) -> Iterator[LineIssue]:
+        if self.scratch is None:
+            return
+        sql = ("SELECT file, line, project, code, severity, field, value_repr, message "
+               "FROM issues WHERE severity = ? ORDER BY seq")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.scratch.execute(sql, (severity,)):
+            yield LineIssue(*row)
+
+
+# -- image sizes ----------------------------------------------------------------------------------
+
+
+class ImageSizer:
+    """Looks image sizes up under the image roots; the name index is built on first use."""
+
+    def __init__(self, roots: tuple[Path, ...],
+                 project_roots: dict[str, tuple[Path, ...]] | None = None) -> None:
+        self.roots = roots
+        self.project_roots = project_roots or {}
+        self._index: dict[Path, dict[str, Path]] = {}
+
+    def _names(self, root: Path) -> dict[str, Path]:
+        found = self._index.get(root)
+        if found is None:
+            found = {}
+            for folder, dirs, files in os.walk(root):
+                dirs.sort()  # first match in a sorted walk: deterministic
+                for name in sorted(files):
+                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.setdefault(name, Path(folder) / name)
+            self._index[root] = found
+        return found
+
+    def __call__(self, project: str, name: str) -> tuple[int, int] | None:
+        for root in (*self.roots, *self.project_roots.get(project, ())):
+            path = self._names(root).get(name)
+            if path is None:
+                continue
+            try:
+                with Image.open(path) as img:
+                    width, height = img.size
+            except (OSError, UnidentifiedImageError, ValueError):
+                continue
+            if width > 0 and height > 0:
+                return int(width), int(height)
+        return None
+
+
+# -- output DBs -----------------------------------------------------------------------------------
+
+
+class _DbWriter:
+    """One project's new DB, built under a temp name beside the target."""
+
+    def __init__(self, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a DB is a normal, shared file
+        self.target, self.tmp = target, Path(tmp)
+        self.rows = 0
+        self.conn = create_v3_db(self.tmp, wal=False)
+        # the file is fsynced once before it is linked into place; a crash leaves only the temp
+        self.conn.execute("PRAGMA synchronous=OFF")
+        self.conn.execute("BEGIN")
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self.conn.execute(INSERT_SQL, row)
+        self.rows += 1
+        if self.rows % COMMIT_EVERY == 0:
+            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN")
+
+    def finish(self) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+
+    def discard(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+        for path in (self.tmp, Path(f"{self.tmp}-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def place(self) -> None:
+        """Put the finished DB under its target name without ever replacing a file there."""
+        try:
+            os.link(self.tmp, self.target)  # fails if the target appeared meanwhile
+        except FileExistsError:
+            raise TargetExistsError(self.target) from None
+        except OSError:
+            # no hard links on this file system: check, then rename
+            if self.target.exists():
+                raise TargetExistsError(self.target) from None
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink()
+        fsync_dir(self.target.parent)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+_SCRATCH_DDL = """
+CREATE TABLE seen (project TEXT, name TEXT, file TEXT, line INTEGER,
+                   PRIMARY KEY (project, name)) WITHOUT ROWID;
+CREATE TABLE gids (gid TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE issues (seq INTEGER PRIMARY KEY, file TEXT, line INTEGER, project TEXT, code TEXT,
+                     severity TEXT, field TEXT, value_repr TEXT, message TEXT);
+CREATE INDEX issues_severity ON issues(severity, seq);
+"""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def target_for(opts: BackfillOptions, project: str) -> Path:
+    """``<decisions_dir>/<project>.db`` by default: the name the validator and the trainer
+    read as that project.  A project that already has a live DB needs ``--out``."""
+    return opts.out if opts.out is not None else opts.decisions_dir / f"{project}.db"
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """``(first line number, fields, csv error)`` per record; the header is line 1."""
+    with path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        previous = 0
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield previous + 1, None, str(exc)
+                previous = reader.line_num
+                continue
+            yield previous + 1, fields, None
+            previous = reader.line_num
+
+
+class _Run:
+    def __init__(self, opts: BackfillOptions, scratch_dir: Path) -> None:
+        self.opts = opts
+        self.out = BackfillOutcome()
+        self.scratch = sqlite3.connect(scratch_dir / "scratch.db", isolation_level=None)
+        self.scratch.execute("PRAGMA journal_mode=OFF")
+        self.scratch.execute("PRAGMA synchronous=OFF")
+        self.scratch.executescript(_SCRATCH_DDL)
+        self.scratch.execute("BEGIN")
+        self.out.scratch = self.scratch
+        self.pending = 0
+        self.writers: dict[str, _DbWriter] = {}
+        sizer = ImageSizer(opts.image_roots, opts.project_image_roots)
+        self.ctx = ConvertContext(
+            project_from=opts.project_from, project=opts.project, windows=opts.windows,
+            full_frame_tolerance=opts.full_frame_tolerance, size_lookup=sizer,
+        )
+
+    def _issue(self, file: str, line: int, project: str | None, note: Note) -> None:
+        severity = SEVERITY.get(note.code, "error")
+        self.scratch.execute(
+            "INSERT INTO issues (file, line, project, code, severity, field, value_repr, message)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (file, line, project, note.code, severity, note.field, note.value_repr, note.message))
+        self.out.by_code[note.code] += 1
+        self._tick()
+
+    def _tick(self) -> None:
+        self.pending += 1
+        if self.pending >= COMMIT_EVERY:
+            self.scratch.execute("COMMIT")
+            self.scratch.execute("BEGIN")
+            self.pending = 0
+
+    def _new_project(self, project: str) -> None:
+        target = target_for(self.opts, project)
+        if self.opts.out is not None and self.out.targets:
+            other = next(iter(self.out.targets))
+            raise BackfillError(
+                f"--out {self.opts.out} takes one project, but the input holds {other!r} and "
+                f"{project!r}; use --project, or drop --out to write one DB per project")
+        self.out.targets[project] = target
+        if target.exists():
+            self.out.existing_targets.append(target)
+            if self.opts.execute:
+                raise TargetExistsError(target)
+        if self.opts.execute:
+            self.writers[project] = _DbWriter(target)
+
+    def _accept(self, file: str, line: int, conv: Converted) -> bool:
+        cur = self.scratch.execute(
+            "INSERT OR IGNORE INTO seen (project, name, file, line) VALUES (?, ?, ?, ?)",
+            (conv.project, conv.chosen_name, file, line))
+        if cur.rowcount == 0:
+            first = self.scratch.execute("SELECT file, line FROM seen WHERE project = ? AND "
+                                         "name = ?", (conv.project, conv.chosen_name)).fetchone()
+            self._issue(file, line, conv.project, Note(
+                "backfill_duplicate_image", "chosen_path", repr(conv.chosen_name),
+                f"the same image of project {conv.project!r} was already converted from "
+                f"{first[0]} line {first[1]}; the first line is kept"))
+            return False
+        if conv.project not in self.out.targets:
+            self._new_project(conv.project)
+        base = f"{conv.project}_legacy_{conv.stamp}"
+        gid, n = base, 1
+        while self.scratch.execute("INSERT OR IGNORE INTO gids (gid) VALUES (?)",
+                                   (gid,)).rowcount == 0:
+            n += 1
+            gid = f"{base}_{n}"
+        values = {"group_id": gid, **conv.values}
+        row = tuple(values[c] for c in COLUMNS)
+        for note in conv.notes:
+            self._issue(file, line, conv.project, note)
+        writer = self.writers.get(conv.project)
+        if writer is not None:
+            writer.add(row)
+        o = self.out
+        action = str(values["user_action"])
+        o.by_action[action] += 1
+        o.by_project[conv.project] += 1
+        o.by_project_action.setdefault(conv.project, Counter())[action] += 1
+        if len(o.first_rows) < self.opts.first_rows:
+            o.first_rows.append({"file": file, "line": str(line),
+                                 **{c: repr(values[c]) for c in COLUMNS}})
+        self._tick()
+        return True
+
+    def read_file(self, path: Path) -> None:
+        started = time.perf_counter()
+        name = str(path)
+        summary = FileSummary(file=name, format=None)
+        self.out.files.append(summary)
+        summary.sha256 = sha256_file(path)
+        layout: CsvLayout | None = None
+        for line, fields, error in _read_lines(path):
+            if layout is None:
+                if fields == []:  # blank lines before the header
+                    continue
+                layout = detect_layout(fields) if fields else None
+                if layout is None:
+                    summary.error = f"line {line} is not a known legacy header"
+                    self._issue(name, line, None, Note(
+                        "backfill_format_unknown", None, repr(fields if fields else error),
+                        "the header matches none of the legacy formats (data contract, "
+                        "section 5); the file is skipped"))
+                    break
+                summary.format = layout.format
+                continue
+            if fields is not None and not any(f.strip() for f in fields):
+                summary.blank_lines += 1
+                continue
+            summary.lines += 1
+            if fields is None:
+                self._issue(name, line, None, Note("backfill_csv_malformed", None, repr(error),
+                                                   f"the CSV module cannot read the line: "
+                                                   f"{error}"))
+                summary.rejected += 1
+                continue
+            outcome = convert_line(layout, fields, self.ctx)
+            if isinstance(outcome, Converted):
+                if self._accept(name, line, outcome):
+                    summary.converted += 1
+                else:
+                    summary.rejected += 1
+            else:
+                self._issue(name, line, None, outcome.note)
+                summary.rejected += 1
+        log.info("backfill.file_read", file=name, format=summary.format, lines=summary.lines,
+                 converted=summary.converted, rejected=summary.rejected,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def finish(self) -> None:
+        self.scratch.execute("COMMIT")
+        if not self.opts.execute:
+            return
+        for writer in self.writers.values():
+            writer.finish()
+        existing = [w.target for w in self.writers.values() if w.target.exists()]
+        if existing:
+            raise TargetExistsError(existing[0])
+        for project in sorted(self.writers):
+            writer = self.writers[project]
+            writer.place()
+            self.out.created.append(writer.target)
+            log.info("backfill.db_written", project=project, db=str(writer.target),
+                     rows=writer.rows)
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.discard()
+
+
+def check_inputs(opts: BackfillOptions) -> None:
+    if opts.project_from == "window" and not opts.windows:
+        raise BackfillError("--project-from window needs at least one --window P=START..END")
+    for path in opts.csv_paths:
+        if not path.is_file():
+            raise BackfillError(f"no such CSV file: {path}")
+    if opts.out is not None and opts.out.exists():
+        raise TargetExistsError(opts.out)
+    if opts.execute and opts.project_from == "fixed" and opts.project:
+        target = target_for(opts, opts.project)
+        if target.exists():
+            raise TargetExistsError(target)
+    inputs = {p.resolve() for p in opts.csv_paths}
+    if opts.out is not None and opts.out.resolve() in inputs:
+        raise TargetExistsError(opts.out)
+
+
+@contextlib.contextmanager
+def run_backfill(opts: BackfillOptions) -> Iterator[BackfillOutcome]:
+    """Convert every input line; with ``execute`` place the new DBs.  Yields the outcome while
+    its scratch state (the issue lists) is still open, for the report to stream from."""
+    check_inputs(opts)
+    with tempfile.TemporaryDirectory(prefix="trainingd-backfill-") as scratch_dir:
+        run = _Run(opts, Path(scratch_dir))
+        try:
+            for path in opts.csv_paths:
+                run.read_file(path)
+            run.finish()
+        except BaseException:
+            run.abort()
+            run.scratch.close()
+            raise
+        try:
+            yield run.out
+        finally:
+            run.scratch.close()
+

@@ -1,0 +1,146 @@
+"""``trainingd backfill``: the command-line face of :mod:`daemon.backfill`.
+
+Parses arguments, turns them and the settings into :class:`BackfillOptions`, runs the backfill,
+writes the inspection report and prints where everything went.  No conversion logic lives here.
+
+Exit codes: 0 done (rejected lines are reported, not failures); 2 bad arguments or unreadable
+input; 73 a target DB exists already (nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.backfill import (
+    BackfillError,
+    BackfillOptions,
+    TargetExistsError,
+    Window,
+    parse_window,
+    run_backfill,
+    write_report,
+)
+from daemon.backfill.convert import PROJECT_RE, ProjectFrom, overlapping_windows
+from daemon.settings import Settings
+
+log = structlog.get_logger("backfill")
+
+EXIT_USAGE = 2
+#: sysexits.h EX_CANTCREAT: a file the command must create exists already.
+EXIT_CANTCREAT = 73
+
+
+def _window_arg(text: str) -> Window:
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _project_arg(text: str) -> str:
+    if not PROJECT_RE.match(text):
+        raise argparse.ArgumentTypeError(f"not a project name: {text!r}")
+    return text
+
+
+def add_backfill_parser(subparsers: Any, common: argparse.ArgumentParser
+                        ) -> argparse.ArgumentParser:
+    """Add ``backfill`` to the ``trainingd`` sub-commands and return its parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "backfill", parents=[common],
+        help="convert legacy CSV logs into new v3 decision DBs (dry run unless --execute)",
+        description="Read legacy CSV logs and write the inspection report; with --execute also "
+                    "write one NEW v3 DB per project. Never overwrites a file. "
+                    "See Documents/BACKFILL.md.")
+    p.add_argument("csv", nargs="+", type=Path, metavar="CSV", help="legacy CSV log(s)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--project", type=_project_arg,
+                     help="every line belongs to this project")
+    who.add_argument("--project-from", choices=("folder", "window"),
+                     help="take the project from the image folder (default) or from --window "
+                          "ranges (default when --window is given)")
+    p.add_argument("--window", action="append", type=_window_arg, default=[],
+                   metavar="P=START..END",
+                   help="lines whose timestamp lies in START..END belong to project P "
+                        "(YYYY-MM-DD: whole UTC days, both included); repeatable")
+    p.add_argument("--image-root", action="append", type=Path, default=[], metavar="DIR",
+                   help="folder searched (recursively) for images whose logged size is unusable;"
+                        " repeatable")
+    p.add_argument("--out", type=Path, metavar="DB",
+                   help="the one DB to create (default <decisions_dir>/<project>.db)")
+    p.add_argument("--execute", action="store_true",
+                   help="write the DBs (without it: read only, report only)")
+    return p
+
+
+def _options(args: argparse.Namespace, settings: Settings) -> BackfillOptions:
+    windows: tuple[Window, ...] = tuple(args.window)
+    clash = overlapping_windows(windows)
+    if clash:
+        raise BackfillError(f"--window ranges overlap: {clash[0].project} and {clash[1].project}")
+    project_from: ProjectFrom
+    if args.project:
+        project_from = "fixed"
+        if windows:
+            raise BackfillError("--window cannot be combined with --project")
+    elif args.project_from:
+        project_from = args.project_from
+    else:
+        project_from = "window" if windows else "folder"
+    return BackfillOptions(
+        csv_paths=tuple(args.csv),
+        decisions_dir=settings.decisions_dir,
+        execute=args.execute,
+        project=args.project,
+        project_from=project_from,
+        windows=windows,
+        image_roots=tuple(p.expanduser() for p in args.image_root),
+        project_image_roots={name: tuple(settings.resolve(r) for r in cfg.image_roots)
+                             for name, cfg in settings.projects.items()},
+        out=args.out.expanduser() if args.out else None,
+        full_frame_tolerance=settings.validation.full_frame_tolerance,
+        first_rows=settings.validation.report_first_rows,
+    )
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``trainingd backfill``; returns the exit code."""
+    now = datetime.now(UTC)
+    try:
+        opts = _options(args, settings)
+        with run_backfill(opts) as outcome:
+            json_path, md_path = write_report(opts, outcome, settings.summaries_dir, now)
+            totals = (outcome.converted, outcome.rejected)
+            targets = dict(outcome.targets)
+            existing = list(outcome.existing_targets)
+            created = list(outcome.created)
+            by_code = dict(outcome.by_code)
+    except TargetExistsError as exc:
+        log.error("backfill.refused", target=str(exc.path))
+        print(f"backfill: {exc}", file=sys.stderr)
+        return EXIT_CANTCREAT
+    except BackfillError as exc:
+        log.error("backfill.failed", error=str(exc))
+        print(f"backfill: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    log.info("backfill.report_written", report=str(json_path), markdown=str(md_path),
+             converted=totals[0], rejected=totals[1], execute=opts.execute)
+    print(f"{totals[0] + totals[1]} line(s): {totals[0]} converted, {totals[1]} rejected")
+    for code, n in sorted(by_code.items()):
+        print(f"  {code:36} {n}")
+    if opts.execute:
+        for path in created:
+            print(f"created {path}")
+    else:
+        for project, path in sorted(targets.items()):
+            state = "EXISTS: --execute would refuse" if path in existing else "would create"
+            print(f"{state} {path} ({project})")
+    print(f"report: {json_path}")
+    print(f"report: {md_path}")
+    return 0
