@@ -12,7 +12,6 @@ import json
 import shutil
 import sqlite3
 from datetime import UTC, datetime
-from pathlib import Path
 
 from daemon.reports import build_inspection, write_inspection
 from daemon.sample import INSERT_SQL, copy_row_into, reviewer_row, row_tuple, write_sample_project
@@ -45,20 +44,22 @@ def run_demo(settings: Settings, *, rows: int, marker: str) -> int:
         print(f"   {r.project}: {r.rows_checked}/{r.rows_total} rows checked, "
               f"{r.errors} error(s), {r.warnings} warning(s)")
 
-    # the reviewer keeps working: five new groups, and the crop tool finishes a pending crop
+    # the reviewer keeps working (its writer connection stays open, WAL mode) ...
     rng = random.Random(99)
     writer = sqlite3.connect(demo_db, isolation_level=None)
     writer.execute("PRAGMA journal_mode=WAL")
-    for n in range(5):
-        writer.execute(INSERT_SQL, row_tuple(reviewer_row("demo", 10_000 + n, rng)))
-    pending = writer.execute(
-        "SELECT group_id, image_width, image_height FROM ai_decisions "
-        "WHERE user_action = 'crop' AND final_crop_coords IS NULL LIMIT 1").fetchone()
-    if pending:
-        writer.execute(
-            "UPDATE ai_decisions SET final_crop_coords = ?, crop_timestamp = ? WHERE group_id = ?",
-            (json.dumps([0.1, 0.1, 0.7, 0.7]), "2025-10-25T09:00:00Z", pending[0]))
-    print("\n2) after 5 new rows and 1 crop finished in place (writer still open):")
+    new = [reviewer_row("demo", 10_000 + n, rng, pending=n < 2) for n in range(5)]
+    for row in new:
+        writer.execute(INSERT_SQL, row_tuple(row))
+    print("\n2) the reviewer adds 5 groups (2 of them wait for a crop):")
+    for r in validator.validate_all():
+        print(f"   {r.project}: {r.mode}, {r.rows_checked} row(s) checked of {r.rows_total}")
+    # ... and the crop tool finishes one of the waiting crops, UPDATEing the row in place
+    writer.execute(
+        "UPDATE ai_decisions SET user_action = 'crop', final_crop_coords = ?, "
+        "crop_timestamp = ? WHERE group_id = ?",
+        (json.dumps([0.1, 0.1, 0.7, 0.7]), "2025-10-25T09:00:00Z", new[0]["group_id"]))
+    print("\n3) the crop tool finishes one crop in place:")
     for r in validator.validate_all():
         print(f"   {r.project}: {r.mode}, {r.rows_checked} row(s) checked of {r.rows_total}")
     writer.close()
@@ -70,10 +71,11 @@ def run_demo(settings: Settings, *, rows: int, marker: str) -> int:
     store.close()
     json_path, md_path = write_inspection(report, settings.summaries_dir, now)
     t = report["totals"]
-    print(f"\n3) inspection: {t['rows']} rows, {t['errors']} error(s), {t['warnings']} "
+    print(f"\n4) inspection: {t['rows']} rows, {t['errors']} error(s), {t['warnings']} "
           f"warning(s), {t['invalid_rows']} invalid row(s)")
     ignored = sorted(p.name for p in decisions.iterdir()
-                     if p.suffix != ".db" or p.name.endswith("_temp.db"))
+                     if not p.name.endswith(("-wal", "-shm", "-journal"))
+                     and (p.suffix != ".db" or p.name.endswith("_temp.db")))
     print(f"   ignored for live processing: {', '.join(ignored)}")
     print("\noutputs:")
     print(f"   inspection report: {json_path}")
