@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:  # numpy stays out of the start-up path of validate/status
+    import numpy as np
 
 Severity = Literal["error", "warning"]
 
@@ -89,3 +94,38 @@ class ProjectResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCandidate:
+    """An image file the embedding stage should cover (once per content)."""
+
+    project: str
+    file_name: str
+    path: Path
+    priority: int = 1  # 0: named by a newly validated row (its losers may be deleted soon)
+
+
+class VectorSource(Protocol):
+    """Where training gets embeddings: the seam between the embedding and training rooms."""
+
+    @property
+    def embedder_id(self) -> str: ...
+
+    def vectors_for(self, project: str, file_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """L2-normalized float32 vectors of those images of ``project`` that are embedded."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Sidecar:
+    """A parsed ``.decision`` file.  Kind A: crop routing, one per chosen image, names its row's
+    group_id; kind B: group-level, from the older reviewer (never joined into a DB upstream)."""
+
+    path: Path
+    kind: Literal["A", "B"]
+    group_id: str
+    project_id: str | None  # kind A only
+    folder_role: str  # crop, crop_auto, cropped, selected, delete_staging, source
+    image_stem: str  # kind A: the chosen image's stem; kind B: the group id
+    fields: dict[str, Any]

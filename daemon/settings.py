@@ -37,6 +37,9 @@ class PathsSettings(_Section):
     decisions_dir: Path | None = None  # default: <data_root>/training/ai_training_decisions
     state_db: Path | None = None  # default: <data_root>/daemon/state.db
     summaries_dir: Path | None = None  # default: <data_root>/daily_summaries
+    cache_dir: Path | None = None  # default: <data_root>/ai_data/cache
+    models_dir: Path | None = None  # default: <data_root>/ai_data/models
+    triggers_dir: Path | None = None  # default: <data_root>/triggers
 
 
 class ValidationSettings(_Section):
@@ -56,6 +59,45 @@ class SourcesSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+
+
+class WatcherSettings(_Section):
+    """The file watcher (owned by the daemon room)."""
+
+    observer: Literal["auto", "inotify", "polling"] = "auto"  # polling: network filesystems
+    polling_interval_seconds: float = Field(2.0, gt=0)
+    settle_seconds: float = Field(0.5, ge=0)  # quiet time before a burst of events is worked
+    max_wait_seconds: float = Field(5.0, gt=0)  # a steady stream is worked at least this often
+    reconcile_minutes: float = Field(10.0, gt=0)  # full rescan: a missed event costs minutes
+
+
+class ServiceSettings(_Section):
+    """Service lifecycle (owned by the daemon room)."""
+
+    shutdown_budget_seconds: float = Field(20.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    daily_summary_time: str = Field("06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    timezone: str = "UTC"  # IANA name for daily_summary_time
+    retrain_check_minutes: float = Field(15.0, gt=0)
+
+
+class EmbeddingSettings(_Section):
+    """CLIP embedding extraction (owned by the embedding room)."""
+
+    model: str = "ViT-B-32"
+
+
+class TrainingSettings(_Section):
+    """Ranker / crop proposer training and the retrain policy (owned by the training room)."""
+
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class AuditSettings(_Section):
+    """The optional LLM audit hook and its token budget (owned by the training room)."""
+
+    command: list[str] = Field(default_factory=list)  # argv; empty: no audits
+    soft_limit_tokens_per_day: int = Field(10_000, ge=0)
 
 
 class ProjectSettings(_Section):
@@ -78,6 +120,11 @@ class Settings(BaseSettings):
     validation: ValidationSettings = ValidationSettings()
     sources: SourcesSettings = SourcesSettings()
     logging: LoggingSettings = LoggingSettings()
+    watcher: WatcherSettings = WatcherSettings()
+    service: ServiceSettings = ServiceSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    training: TrainingSettings = TrainingSettings()
+    audit: AuditSettings = AuditSettings()
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -128,6 +175,21 @@ class Settings(BaseSettings):
         p = self.paths.summaries_dir
         return self.resolve(p) if p else self.data_root / "daily_summaries"
 
+    @property
+    def cache_dir(self) -> Path:
+        p = self.paths.cache_dir
+        return self.resolve(p) if p else self.data_root / "ai_data" / "cache"
+
+    @property
+    def models_dir(self) -> Path:
+        p = self.paths.models_dir
+        return self.resolve(p) if p else self.data_root / "ai_data" / "models"
+
+    @property
+    def triggers_dir(self) -> Path:
+        p = self.paths.triggers_dir
+        return self.resolve(p) if p else self.data_root / "triggers"
+
     def project_db(self, name: str) -> Path:
         cfg = self.projects.get(name)
         if cfg is not None and cfg.db is not None:
@@ -136,8 +198,10 @@ class Settings(BaseSettings):
 
     def with_data_root(self, root: Path) -> Settings:
         """A copy whose runtime tree lives under ``root`` (the demo uses this)."""
-        paths = self.paths.model_copy(update={"data_root": root.resolve(), "decisions_dir": None,
-                                              "state_db": None, "summaries_dir": None})
+        paths = self.paths.model_copy(update={
+            "data_root": root.resolve(), "decisions_dir": None, "state_db": None,
+            "summaries_dir": None, "cache_dir": None, "models_dir": None, "triggers_dir": None,
+        })
         new = self.model_copy(update={"paths": paths})
         new._base_dir, new._config_file = self._base_dir, self._config_file
         return new

@@ -65,4 +65,38 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "0002_daemon_index",
+        """
+        -- the image index: every image file seen under a project's image roots
+        CREATE TABLE images (
+            project    TEXT NOT NULL,
+            path       TEXT NOT NULL,          -- absolute, as last seen
+            file_name  TEXT NOT NULL,
+            size       INTEGER,
+            mtime_ns   INTEGER,
+            sha256     TEXT,                   -- content hash, once read
+            stage      REAL,
+            seen_at    TEXT NOT NULL,
+            gone_at    TEXT,                   -- the file disappeared (its embedding stays)
+            PRIMARY KEY (project, path)
+        );
+        CREATE INDEX images_name ON images(project, file_name);
+        CREATE INDEX images_sha ON images(sha256);
+        -- .decision sidecars as last seen (never modified by trainingd)
+        CREATE TABLE sidecars (
+            path        TEXT PRIMARY KEY,
+            project     TEXT NOT NULL,         -- the project whose image root holds it
+            kind        TEXT,                  -- 'A', 'B', NULL when unparseable
+            group_id    TEXT,
+            project_id  TEXT,
+            folder_role TEXT NOT NULL,
+            size        INTEGER,
+            mtime_ns    INTEGER,
+            seen_at     TEXT NOT NULL,
+            gone_at     TEXT
+        );
+        CREATE INDEX sidecars_group ON sidecars(group_id);
+        """,
+    ),
 )
