@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trainingd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("run", parents=[common], help="run the service: watch, validate, "
+                       "embed, train, report (systemd Type=notify)")
+    p.add_argument("--for-seconds", type=float, help="stop by itself after this long (demos)")
+
     p = sub.add_parser("validate", parents=[common],
                        help="check new and changed rows of every project DB")
     p.add_argument("--project", action="append", default=[], help="only this project "
@@ -90,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainingd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(args.log_level or settings.logging.level,
-                      args.log_format or settings.logging.format, stream=sys.stderr)
-    handler = {"validate": cmd_validate, "inspect": cmd_inspect, "status": cmd_status,
+                      args.log_format or settings.logging.format,
+                      stream=sys.stdout if args.command == "run" else sys.stderr)
+    handler = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect, "status": cmd_status,
                "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill}[args.command]
     try:
         return handler(args, settings)
@@ -149,6 +154,13 @@ def _exit_code(results: list[ProjectResult]) -> int:
 
 
 # -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.service import Service
+
+    return Service(settings, config_path=settings.config_file,
+                   run_seconds=args.for_seconds).run()
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
@@ -246,8 +258,10 @@ def status_document(settings: Settings) -> dict[str, Any]:
             projects.append({"project": src.project, "db_file": str(src.db_path),
                              "schema": None, "rows": None, "validated": 0, "errors": None,
                              "warnings": None, "pending_crops": None, "last_check": None})
-    return {"state_db": str(settings.state_db), "decisions_dir": str(settings.decisions_dir),
-            "projects": projects}
+    from daemon.service import read_heartbeat
+
+    return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
+            "decisions_dir": str(settings.decisions_dir), "projects": projects}
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -256,6 +270,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    beat = doc["daemon"]
+    if beat is None:
+        print("daemon: not running (no heartbeat file)")
+    else:
+        print(f"daemon: {beat['verdict']} (pid {beat['pid']}, heartbeat {beat['age_seconds']} s "
+              f"ago, queue {beat['queue_depth']}, working: {beat['current_task'] or 'idle'}, "
+              f"last event: {beat['last_event'] or '-'}, tasks done {beat['tasks_done']}, "
+              f"failed {beat['tasks_failed']})")
+        if beat.get("embedding_disabled"):
+            print(f"embedding: DISABLED: {beat['embedding_disabled']}")
     print(f"state: {doc['state_db']}")
     print(f"decisions: {doc['decisions_dir']}")
     header = ("project", "rows", "validated", "errors", "warnings", "pending crops", "last check")

@@ -1,4 +1,4 @@
-"""Image file names: stage parsing (the image index itself arrives with the watcher).
+"""Image files: stage parsing, and the per-project image index in the state DB.
 
 File names look like ``YYYYMMDD_HHMMSS_<stage>.png``; the stage decides the "always highest
 stage" baseline, so it is parsed in exactly one place.
@@ -6,7 +6,17 @@ stage" baseline, so it is parsed in exactly one place.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.timeparse import iso_utc
+
+if TYPE_CHECKING:
+    from daemon.store.db import StateStore
 
 #: Stage name -> its numeric rank, in workflow order.
 STAGES: dict[str, float] = {
@@ -28,3 +38,93 @@ def parse_stage(file_name: str) -> float | None:
         return rank
     m = _STAGE_RE.search(file_name)
     return STAGES[m.group(1)] if m else None
+
+
+# -- the image index ---------------------------------------------------------------------------
+
+
+def iter_image_files(root: Path) -> Iterator[Path]:
+    """Every image under ``root`` (recursive; folder names contain spaces; errors skipped)."""
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield Path(folder) / name
+
+
+class ImageIndex:
+    """Per project: file name -> current path(s), in the state DB table ``images``.
+
+    Updated from watcher events (one path at a time) and from the reconcile (whole roots).  A
+    file that disappears is marked gone, never forgotten: its embedding outlives it.
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    def observe(self, project: str, path: Path, now: datetime) -> str:
+        """Look at one path; returns ``new``, ``changed``, ``unchanged`` or ``gone``."""
+        conn = self.store.conn
+        row = conn.execute("SELECT size, mtime_ns, gone_at FROM images WHERE project = ? "
+                           "AND path = ?", (project, str(path))).fetchone()
+        try:
+            st = path.stat()
+        except OSError:
+            if row is not None and row[2] is None:
+                conn.execute("UPDATE images SET gone_at = ? WHERE project = ? AND path = ?",
+                             (iso_utc(now), project, str(path)))
+                return "gone"
+            return "unchanged"
+        if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns and not row[2]:
+            return "unchanged"
+        conn.execute(
+            "INSERT INTO images (project, path, file_name, size, mtime_ns, sha256, stage, "
+            "seen_at, gone_at) VALUES (?,?,?,?,?,NULL,?,?,NULL) "
+            "ON CONFLICT (project, path) DO UPDATE SET size = excluded.size, "
+            "mtime_ns = excluded.mtime_ns, seen_at = excluded.seen_at, gone_at = NULL, "
+            "sha256 = CASE WHEN images.size = excluded.size AND images.mtime_ns = "
+            "excluded.mtime_ns THEN images.sha256 ELSE NULL END",
+            (project, str(path), path.name, st.st_size, st.st_mtime_ns, parse_stage(path.name),
+             iso_utc(now)),
+        )
+        return "new" if row is None else "changed"
+
+    def scan(self, project: str, roots: list[Path], now: datetime) -> dict[str, int]:
+        """Reconcile the index with the files under ``roots``."""
+        counts = {"new": 0, "changed": 0, "unchanged": 0, "gone": 0}
+        seen: set[str] = set()
+        with self.store.transaction():
+            for root in roots:
+                for path in iter_image_files(root):
+                    seen.add(str(path))
+                    counts[self.observe(project, path, now)] += 1
+            stale = [r[0] for r in self.store.conn.execute(
+                "SELECT path FROM images WHERE project = ? AND gone_at IS NULL", (project,))
+                if r[0] not in seen and any(r[0].startswith(str(root) + os.sep) for root in roots)]
+            for path in stale:
+                self.store.conn.execute(
+                    "UPDATE images SET gone_at = ? WHERE project = ? AND path = ?",
+                    (iso_utc(now), project, path))
+            counts["gone"] += len(stale)
+        return counts
+
+    def paths_of(self, project: str, file_name: str) -> list[Path]:
+        return [Path(r[0]) for r in self.store.conn.execute(
+            "SELECT path FROM images WHERE project = ? AND file_name = ? AND gone_at IS NULL "
+            "ORDER BY seen_at DESC", (project, file_name))]
+
+    def present(self, project: str | None = None) -> list[tuple[str, str, Path]]:
+        """``(project, file_name, path)`` of every image currently on disk."""
+        sql = "SELECT project, file_name, path FROM images WHERE gone_at IS NULL"
+        params: tuple[str, ...] = ()
+        if project is not None:
+            sql += " AND project = ?"
+            params = (project,)
+        sql += " ORDER BY project, seen_at, path"
+        return [(r[0], r[1], Path(r[2])) for r in self.store.conn.execute(sql, params)]
+
+    def counts(self, project: str) -> dict[str, int]:
+        row = self.store.conn.execute(
+            "SELECT count(*), coalesce(sum(gone_at IS NULL), 0) FROM images WHERE project = ?",
+            (project,)).fetchone()
+        return {"images_seen": row[0], "images_present": row[1]}

@@ -53,6 +53,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
+    # APScheduler logs every job start and finish at INFO: our jobs log what they enqueue
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
 
 
 def _isatty(stream: TextIO) -> bool:

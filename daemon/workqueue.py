@@ -1,0 +1,114 @@
+"""The coalescing work queue between the event sources and the one worker.
+
+Events are wake-ups, not facts: a burst of writes to one DB or one folder becomes one task.
+Each task has a key; putting a task whose key is pending merges it into the pending one (their
+path and hint sets are united).  A task becomes ready after ``settle_seconds`` without a new
+event for its key, or ``max_wait_seconds`` after its first event, whichever comes first, so a
+steady stream of writes can delay work by at most ``max_wait_seconds``, never starve it.
+Ready tasks leave in the order their first event arrived (per-project order is preserved).
+
+This room knows nothing of what tasks mean; it never raises into a producer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One unit of work for the worker.  ``kind`` names the pipeline stage."""
+
+    kind: str
+    project: str | None = None
+    paths: frozenset[str] = frozenset()
+    hints: frozenset[str] = frozenset()
+    args: tuple[tuple[str, Any], ...] = ()
+    trigger: str | None = None  # the claimed trigger file to finish, if any
+    urgent: bool = False  # skip the settle delay (triggers, scheduled jobs)
+
+    @property
+    def key(self) -> tuple[str, str | None, str | None]:
+        # triggers are never merged: each one gets its own result file
+        return (self.kind, self.project, self.trigger)
+
+    def merged(self, other: Task) -> Task:
+        return replace(self, paths=self.paths | other.paths, hints=self.hints | other.hints,
+                       urgent=self.urgent or other.urgent)
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        return dict(self.args).get(name, default)
+
+
+@dataclass(slots=True)
+class _Entry:
+    task: Task
+    first: float
+    last: float
+    order: int = field(default=0)
+
+
+class WorkQueue:
+    def __init__(self, settle_seconds: float, max_wait_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle = settle_seconds
+        self.max_wait = max_wait_seconds
+        self.clock = clock
+        self._pending: dict[tuple[str, str | None, str | None], _Entry] = {}
+        self._cond = threading.Condition()
+        self._order = itertools.count()
+        self.last_event: str | None = None
+        self.last_event_at: float | None = None
+
+    def put(self, task: Task) -> None:
+        now = self.clock()
+        with self._cond:
+            entry = self._pending.get(task.key)
+            if entry is None:
+                self._pending[task.key] = _Entry(task, now, now, next(self._order))
+            else:
+                entry.task = entry.task.merged(task)
+                entry.last = now
+            self.last_event = f"{task.kind}:{task.project or '-'}"
+            self.last_event_at = time.time()
+            self._cond.notify_all()
+
+    def _ready_at(self, entry: _Entry) -> float:
+        if entry.task.urgent:
+            return entry.first
+        return min(entry.last + self.settle, entry.first + self.max_wait)
+
+    def get(self, timeout: float) -> Task | None:
+        """The next ready task, or None after ``timeout`` seconds."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while True:
+                now = self.clock()
+                best: _Entry | None = None
+                next_ready = deadline
+                for entry in self._pending.values():
+                    ready_at = self._ready_at(entry)
+                    if ready_at <= now:
+                        if best is None or entry.order < best.order:
+                            best = entry
+                    else:
+                        next_ready = min(next_ready, ready_at)
+                if best is not None:
+                    del self._pending[best.task.key]
+                    return best.task
+                if now >= deadline:
+                    return None
+                self._cond.wait(max(0.0, min(next_ready, deadline) - now))
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def pending_kinds(self) -> list[str]:
+        with self._cond:
+            return sorted({k[0] for k in self._pending})

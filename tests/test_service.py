@@ -1,0 +1,190 @@
+"""``trainingd run`` as systemd would run it: a real process, real signals, a real notify
+socket, real files dropped in while it runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.sample import write_sample_project
+from tests.daemon_harness import Daemon, wait_until, write_config
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "training" / "ai_training_decisions").mkdir(parents=True)
+    return tmp_path
+
+
+def decisions(home: Path) -> Path:
+    return home / "data" / "training" / "ai_training_decisions"
+
+
+@pytest.fixture
+def daemon(home: Path) -> Iterator[Daemon]:
+    write_sample_project(decisions(home), "demo", rows=40)
+    d = Daemon(write_config(home / "config.toml"))
+    yield d
+    if d.proc.poll() is None:
+        d.kill()
+
+
+class TestLifecycle:
+    """Startup, signals, reload and exit codes."""
+
+    def test_notify_protocol_and_clean_sigterm(self, home: Path) -> None:
+        """READY, STATUS and WATCHDOG reach a real notify socket; SIGTERM exits 0."""
+        write_sample_project(decisions(home), "demo", rows=10)
+        sock_path = home / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        d = Daemon(write_config(home / "config.toml"),
+                   env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        try:
+            messages: list[str] = []
+            while not any("WATCHDOG=1" in m for m in messages):
+                messages.append(sock.recv(4096).decode())
+            ready = next(m for m in messages if "READY=1" in m)
+            assert "STATUS=" in ready and f"MAINPID={d.proc.pid}" in ready
+            d.signal(signal.SIGTERM)
+            assert d.proc.wait(30) == 0
+            while not any("STOPPING=1" in m for m in messages):
+                messages.append(sock.recv(4096).decode())
+        finally:
+            sock.close()
+            d.stop()
+        assert d.wait_event("service.stopped")["exit_code"] == 0
+
+    def test_reload_on_sighup_and_bad_reload_keeps_running(self, home: Path,
+                                                           daemon: Daemon) -> None:
+        daemon.wait_event("validation.project_checked", project="demo")
+        img = home / "img"
+        img.mkdir()
+        write_config(daemon.config, image_roots={"demo": [img]})
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("service.reloaded")
+        daemon.wait_for(lambda r: r.get("event") == "watcher.started" and str(img) in
+                        r.get("folders", []), what="watcher on the new image root")
+        daemon.config.write_text("[validation]\nchunk_rowz = 1\n")
+        daemon.signal(signal.SIGHUP)
+        failed = daemon.wait_event("service.reload_failed")
+        assert "validation.chunk_rowz" in failed["error"]
+        assert daemon.proc.poll() is None
+        assert daemon.stop() == 0
+
+    def test_bad_config_exits_78(self, home: Path) -> None:
+        d = Daemon(write_config(home / "config.toml", "[sources]\nbusy_timout_ms = 1\n"))
+        assert d.proc.wait(30) == 78
+        d.stop()
+        assert "sources.busy_timout_ms" in d.log_path.read_text()
+
+    def test_status_shows_the_live_daemon(self, home: Path, daemon: Daemon) -> None:
+        import subprocess
+        import sys
+
+        daemon.wait_event("validation.project_checked", project="demo")
+        heartbeat = home / "data" / "daemon" / "heartbeat.json"
+        wait_until(heartbeat.exists, what="heartbeat")
+        out = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "--config",
+                              str(daemon.config)], capture_output=True, text=True, timeout=60)
+        doc = json.loads(out.stdout)
+        assert doc["daemon"]["verdict"] == "running" and doc["daemon"]["pid"] == daemon.proc.pid
+        assert doc["daemon"]["observer_alive"] and doc["daemon"]["worker_alive"]
+        assert {p["project"]: p["rows"] for p in doc["projects"]}["demo"] == 52
+        daemon.stop()
+        assert json.loads(heartbeat.read_text())["state"] == "stopped"
+
+
+class TestWork:
+    """Files dropped in while it runs are worked within about a second."""
+
+    def test_new_rows_are_validated_promptly(self, home: Path, daemon: Daemon) -> None:
+        daemon.wait_event("validation.project_checked", project="demo")
+        from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
+        import random
+
+        conn = sqlite3.connect(decisions(home) / "demo.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        for n in range(3):
+            conn.execute(INSERT_SQL, row_tuple(reviewer_row("demo", 5000 + n, random.Random(n))))
+        daemon.wait_for(lambda r: r.get("event") == "validation.project_checked"
+                        and r.get("rows_total") == 55, timeout=10, what="3 new rows")
+        conn.close()
+        assert daemon.stop() == 0
+
+    def test_triggers_are_consumed(self, home: Path, daemon: Daemon) -> None:
+        daemon.wait_event("validation.project_checked", project="demo")
+        triggers = home / "data" / "triggers"
+        (triggers / "inspect.json").write_text('{"project": "demo"}')
+        (triggers / "reboot").write_text("")
+        (triggers / "backfill.json").write_text('{"csv": ["/etc/passwd"]}')
+        done, failed = triggers / "done", triggers / "failed"
+        wait_until(lambda: (done / "inspect.json.result.json").exists()
+                   and (failed / "reboot.result.json").exists()
+                   and (failed / "backfill.json.result.json").exists(), what="trigger results")
+        result = json.loads((done / "inspect.json.result.json").read_text())
+        assert result["status"] == "done" and Path(result["result"]["json"]).exists()
+        assert "outside the configured data roots" in json.loads(
+            (failed / "backfill.json.result.json").read_text())["error"]
+        assert daemon.stop() == 0
+
+    def test_pause_defers_work_and_resume_runs_it(self, home: Path, daemon: Daemon) -> None:
+        daemon.wait_event("validation.project_checked", project="demo")
+        triggers = home / "data" / "triggers"
+        (triggers / "pause").write_text("")
+        daemon.wait_event("pipeline.paused")
+        (triggers / "validate.json").write_text('{"project": "demo", "full": true}')
+        wait_until(lambda: (triggers / "processing" / "validate.json").exists(),
+                   what="claimed while paused")
+        assert not (triggers / "done" / "validate.json").exists()
+        (triggers / "resume").write_text("")
+        wait_until(lambda: (triggers / "done" / "validate.json.result.json").exists(),
+                   what="deferred trigger run after resume")
+        assert daemon.stop() == 0
+
+
+class TestFaults:
+    """Broken inputs and lost state: reported or rebuilt, never fatal."""
+
+    def test_corrupt_db_for_one_project_others_go_on(self, home: Path, daemon: Daemon) -> None:
+        (decisions(home) / "broken.db").write_bytes(b"garbage" * 500)
+        daemon.wait_event("validation.db_unreadable", project="broken")
+        daemon.wait_event("validation.project_checked", project="demo")
+        assert daemon.proc.poll() is None
+        assert daemon.stop() == 0
+
+    def test_state_db_deleted_while_stopped_is_rebuilt(self, home: Path, daemon: Daemon) -> None:
+        daemon.wait_event("validation.project_checked", project="demo", rows_checked=52)
+        assert daemon.stop() == 0
+        state = home / "data" / "daemon"
+        for name in ("state.db", "state.db-wal", "state.db-shm"):
+            (state / name).unlink(missing_ok=True)
+        again = Daemon(daemon.config)
+        try:
+            again.wait_event("store.migration_applied", name="0001_validation_state")
+            again.wait_event("validation.project_checked", project="demo", rows_checked=52)
+        finally:
+            assert again.stop() == 0
+
+    def test_db_locked_by_a_writer_for_seconds_is_waited_for(self, home: Path) -> None:
+        """A rollback-journal DB held EXCLUSIVE: retried, then validated, never skipped."""
+        path, _ = write_sample_project(decisions(home), "locked", rows=5, faults=False)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("BEGIN EXCLUSIVE")
+        d = Daemon(write_config(home / "config.toml"))
+        try:
+            d.wait_event("service.started")
+            wait_until(lambda: d.proc.poll() is None and len(d.records()) > 3, what="running")
+            conn.execute("COMMIT")
+            d.wait_event("validation.project_checked", project="locked", rows_checked=5)
+        finally:
+            conn.close()
+            assert d.stop() == 0
