@@ -1,0 +1,187 @@
+"""The model registry in ``settings.models_dir``: versioned models, metadata, the champion.
+
+Files (N counts up per kind, never reused)::
+
+    ranker_vN.pt, ranker_vN_metadata.json                 every trained ranker, promoted or not
+    crop_proposer_vN.pt, crop_proposer_vN_metadata.json   every trained crop proposer
+    champions.json                                        pointer: the promoted version per kind
+    reviewer/ranker.pt, reviewer/crop_proposer.pt (+ _metadata.json)
+                                                          the champion in the reviewer's format
+
+A ``.pt`` file is a plain ``state_dict`` (loaded with ``weights_only=True``); its config and
+metrics live in the metadata beside it.  Every file is written atomically, and the pointer is
+written last, so a run killed at any moment leaves the champion as it was.  The promotion rule
+(:func:`promotion_decision`) is pure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.fsutil import atomic_write_bytes, atomic_write_text
+from daemon.timeparse import iso_utc
+
+PREFIX = {"ranker": "ranker", "crop": "crop_proposer"}
+POINTER = "champions.json"
+REVIEWER_DIR = "reviewer"
+
+
+def model_path(models_dir: Path, kind: str, version: int) -> Path:
+    return models_dir / f"{PREFIX[kind]}_v{version}.pt"
+
+
+def metadata_path(models_dir: Path, kind: str, version: int) -> Path:
+    return models_dir / f"{PREFIX[kind]}_v{version}_metadata.json"
+
+
+def versions(models_dir: Path, kind: str) -> list[int]:
+    """Versions with a model file, ascending."""
+    pattern = re.compile(rf"^{PREFIX[kind]}_v(\d+)\.pt$")
+    if not models_dir.is_dir():
+        return []
+    found = (pattern.match(p.name) for p in models_dir.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def next_version(models_dir: Path, kind: str) -> int:
+    # metadata files count too: a version whose .pt was removed by hand is not reused
+    pattern = re.compile(rf"^{PREFIX[kind]}_v(\d+)(?:\.pt|_metadata\.json)$")
+    used = [int(m.group(1)) for p in (models_dir.iterdir() if models_dir.is_dir() else [])
+            if (m := pattern.match(p.name))]
+    return max(used, default=0) + 1
+
+
+def read_pointer(models_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((models_dir / POINTER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def champion_version(models_dir: Path, kind: str) -> int | None:
+    entry = read_pointer(models_dir).get(kind)
+    if isinstance(entry, dict) and isinstance(entry.get("version"), int):
+        return int(entry["version"])
+    return None
+
+
+def read_metadata(models_dir: Path, kind: str, version: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(metadata_path(models_dir, kind, version).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def all_metadata(models_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [m for v in versions(models_dir, kind) if (m := read_metadata(models_dir, kind, v))]
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A saved ``state_dict``; never unpickles anything but tensors."""
+    import torch
+
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def save_model(models_dir: Path, kind: str, version: int, state: dict[str, Any],
+               metadata: dict[str, Any]) -> list[Path]:
+    """Write ``<prefix>_vN.pt`` and its metadata (model first: metadata names a real file)."""
+    pt, meta = model_path(models_dir, kind, version), metadata_path(models_dir, kind, version)
+    atomic_write_bytes(pt, _state_bytes(state))
+    atomic_write_text(meta, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    return [pt, meta]
+
+
+def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
+            metadata: dict[str, Any], now: datetime, *, reviewer_format: bool) -> list[Path]:
+    """Export in the reviewer's format (where the architecture allows), then move the pointer."""
+    written: list[Path] = []
+    if reviewer_format:
+        folder = models_dir / REVIEWER_DIR
+        pt = folder / f"{PREFIX[kind]}.pt"
+        meta = folder / f"{PREFIX[kind]}_metadata.json"
+        atomic_write_bytes(pt, _state_bytes(state))
+        atomic_write_text(meta, json.dumps(reviewer_metadata(metadata), indent=2,
+                                           sort_keys=True, default=str) + "\n")
+        written += [pt, meta]
+    pointer = read_pointer(models_dir)
+    pointer[kind] = {"version": version, "file": model_path(models_dir, kind, version).name,
+                     "promoted_at": iso_utc(now)}
+    atomic_write_text(models_dir / POINTER, json.dumps(pointer, indent=2, sort_keys=True) + "\n")
+    written.append(models_dir / POINTER)
+    return written
+
+
+def reviewer_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The keys the old metadata files held (data contract section 6)."""
+    return {"version": meta.get("version"), "created_at": meta.get("created_at"),
+            "train_size": meta.get("train_size"), "validation_size": meta.get("holdout_size"),
+            "best_epoch": meta.get("hyperparameters", {}).get("epochs"),
+            "metrics": meta.get("metrics"), "hyperparameters": meta.get("hyperparameters"),
+            "architecture": meta.get("architecture"), "loss": meta.get("training", {}).get("loss"),
+            "source": f"trainingd {meta.get('file')}"}
+
+
+def remove_stale_temp_files(models_dir: Path) -> int:
+    """Temp files a killed run left behind (atomic writes name them ``.<target>.*.tmp``)."""
+    count = 0
+    for folder in (models_dir, models_dir / REVIEWER_DIR):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
+def primary_score(kind: str, report: dict[str, Any]) -> float | None:
+    """The number promotion compares: top-1 agreement (ranker), mean IoU (crop)."""
+    value = report["model"]["top1"] if kind == "ranker" else report["model"]["mean_iou"]
+    return None if value is None else float(value)
+
+
+def baseline_score(kind: str, report: dict[str, Any]) -> float | None:
+    if kind == "ranker":
+        v = report["baseline_highest_stage"]["top1"]
+        return None if v is None else float(v)
+    vals = [report[k]["mean_iou"] for k in ("baseline_full_frame", "baseline_mean_box")
+            if report[k]["mean_iou"] is not None]
+    return max(vals) if vals else None
+
+
+def promotion_decision(kind: str, report: dict[str, Any], champion_report: dict[str, Any] | None,
+                       *, baseline_copy: str | None, margin: float = 0.0,
+                       champion_note: str = "") -> tuple[bool, str]:
+    """Promote only a model that beats the baseline and the champion on today's holdout."""
+    score, base = primary_score(kind, report), baseline_score(kind, report)
+    metric = "top-1" if kind == "ranker" else "mean IoU"
+    if score is None or base is None:
+        return False, "no holdout examples to compare on"
+    if baseline_copy:
+        return False, f"only reproduces the baseline: {baseline_copy}"
+    if score <= base:
+        return False, f"{metric} {score:.4f} does not beat the baseline's {base:.4f}"
+    if champion_report is not None:
+        champ = primary_score(kind, champion_report)
+        if champ is not None and score <= champ + margin:
+            return False, (f"{metric} {score:.4f} does not beat the champion's {champ:.4f} "
+                           f"(+ margin {margin}) on today's holdout")
+        return True, (f"{metric} {score:.4f} beats the baseline's {base:.4f} and the champion's "
+                      f"{champ if champ is not None else float('nan'):.4f}")
+    note = f" ({champion_note})" if champion_note else " (no champion yet)"
+    return True, f"{metric} {score:.4f} beats the baseline's {base:.4f}{note}"
