@@ -76,8 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=200)
 
     from daemon.backfill_cli import add_backfill_parser
+    from daemon.embedding.cli import add_embed_parser
+    from daemon.training.cli import add_summary_parser, add_train_parser
 
     add_backfill_parser(sub, common)
+    add_embed_parser(sub, common)
+    add_train_parser(sub, common)
+    add_summary_parser(sub, common)
 
     p = sub.add_parser("codes", parents=[common], help="print the table of issue codes")
     p.add_argument("--json", action="store_true")
@@ -96,8 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or settings.logging.level,
                       args.log_format or settings.logging.format,
                       stream=sys.stdout if args.command == "run" else sys.stderr)
-    handler = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect, "status": cmd_status,
-               "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect,
+               "status": cmd_status,
+               "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill,
+               "embed": cmd_embed, "train": cmd_train, "summary": cmd_summary}[args.command]
     try:
         return handler(args, settings)
     except BrokenPipeError:  # `trainingd validate | head`: the reader left; not an error
@@ -235,11 +242,18 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
 def status_document(settings: Settings) -> dict[str, Any]:
     """Per-project figures from the state DB (read-only) plus projects not yet validated."""
+    from daemon.embedding.cli import coverage
+    from daemon.training.audit import audit_budget
+
     projects: list[dict[str, Any]] = []
     known: set[str] = set()
+    embedding: dict[str, dict[str, int]] = {}
+    audit: dict[str, Any] | None = None
     if settings.state_db.is_file():
         store = StateStore(settings.state_db, read_only=True)
         try:
+            embedding = coverage(store, settings)
+            audit = audit_budget(store, settings, datetime.now(UTC)).to_dict()
             for cp in store.checkpoints():
                 counts = store.issue_counts(cp.project)
                 projects.append({
@@ -261,7 +275,8 @@ def status_document(settings: Settings) -> dict[str, Any]:
     from daemon.service import read_heartbeat
 
     return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
-            "decisions_dir": str(settings.decisions_dir), "projects": projects}
+            "decisions_dir": str(settings.decisions_dir), "projects": projects,
+            "embedding_coverage": embedding, "audit_tokens": audit}
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -295,6 +310,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not doc["projects"]:
         print("no projects yet: put decision DBs in the decisions folder, then run "
               "`trainingd validate`")
+    if doc["embedding_coverage"]:
+        print("embeddings (images seen / embedded / failed):")
+        for project, c in doc["embedding_coverage"].items():
+            print(f"  {project}: {c.get('seen', 0)} / {c.get('embedded', 0)} / "
+                  f"{c.get('failed', 0)}")
+    audit = doc["audit_tokens"]
+    if audit and audit["enabled"]:
+        state = "PAUSED until tomorrow" if audit["paused"] else (
+            "WARNING: at the soft limit" if audit["warning"] else "ok")
+        print(f"audit tokens today: {audit['tokens_used']} / {audit['soft_limit']} "
+              f"({audit['calls']} calls): {state}")
     return 0
 
 
@@ -312,6 +338,24 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.backfill_cli import cmd_backfill as run
+
+    return run(args, settings)
+
+
+def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.embedding.cli import cmd_embed as run
+
+    return run(args, settings)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.training.cli import cmd_train as run
+
+    return run(args, settings)
+
+
+def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.training.cli import cmd_summary as run
 
     return run(args, settings)
 

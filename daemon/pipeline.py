@@ -259,12 +259,44 @@ class Pipeline:
         except ImportError:
             return {"skipped": "training room not installed"}
         out: dict[str, Any] = {}
+        if self.settings.audit.command:
+            self.put(Task("audit", urgent=True))
         for kind in ("ranker", "crop"):
             decision = retrain_decision(self.store, self.settings, kind, self.clock())
             out[kind] = {"due": decision.due, "reason": decision.reason}
             if decision.due and not should_stop():
                 out[kind]["outcome"] = self._train(kind, force=False, should_stop=should_stop)
         return out
+
+    def _do_audit(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+        """Send rows newly flagged with warnings to the audit hook, within the token budget."""
+        from daemon.training.audit import run_audit
+
+        if not self.settings.audit.command:
+            return {"status": "disabled"}
+        mark = int(self.store.get_meta("audit.last_issue_id") or 0)
+        rows = [dict(zip(("issue_id", "project", "group_id", "rowid", "code", "field",
+                          "value_repr", "message"), r, strict=True))
+                for r in self.store.conn.execute(
+                    "SELECT id, project, group_id, src_rowid, code, field, value_repr, message "
+                    "FROM issues WHERE id > ? AND severity = 'warning' AND src_rowid IS NOT "
+                    "NULL ORDER BY id LIMIT ?", (mark, self.settings.audit.max_rows_per_call))]
+        if not rows:
+            return {"status": "nothing flagged"}
+        result = run_audit(self.store, self.settings, rows, self.clock())
+        if result.status == "ok":
+            with self.store.transaction():
+                self.store.set_meta("audit.last_issue_id", str(rows[-1]["issue_id"]))
+            from daemon.fsutil import atomic_write_text
+
+            ledger = self.settings.summaries_dir / "audit_verdicts.jsonl"
+            old = ledger.read_text() if ledger.exists() else ""
+            atomic_write_text(ledger, old + "".join(
+                json.dumps({"at": iso_utc(self.clock()), "verdict": v}, default=str) + "\n"
+                for v in result.verdicts))
+        log.info("training.audit_ran", status=result.status, rows=len(rows),
+                 tokens=result.tokens_used, reason=result.reason or None)
+        return {"status": result.status, "rows": len(rows), "tokens": result.tokens_used}
 
     def _do_retrain(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
         model = task.arg("model", "ranker")

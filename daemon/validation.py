@@ -15,6 +15,7 @@ the effect is the same (checks are pure, writes are upserts).  Source DBs are on
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -285,6 +286,8 @@ class _Run:
         self.ctx, self.now, self.chunk_rows = ctx, now, chunk_rows
         self.unique = reader.schema.group_id_unique
         self.tally = _Tally()
+        # one line per checked row only when debugging (tests use it to prove "once per content")
+        self.trace = logging.getLogger("validation").isEnabledFor(logging.DEBUG)
 
     # -- the two passes -------------------------------------------------------------------------
 
@@ -381,6 +384,9 @@ class _Run:
                     moves.append((int(row[ROWID]), key))
                 continue
             findings = check_row(row, self.ctx)
+            if self.trace:
+                log.debug("validation.row_checked", project=self.project, group_id=key,
+                          digest=digest, rowid=row[ROWID])
             gid_raw = row[GROUP_ID]
             if key.startswith("#rowid:") and isinstance(gid_raw, str) and gid_raw.strip():
                 findings.append(Finding("group_id_duplicate", "group_id", repr(row[GROUP_ID]),

@@ -64,7 +64,7 @@ def classify(path: str, plan: WatchPlan, *, is_directory: bool = False,
                 if name.endswith(side):
                     name = name[: -len(side)]
             if is_live_db_name(name):
-                return Task("validate", project_name_from_db(Path(name)))
+                return Task("validate", project_name_from_db(Path(name)), throttle=True)
             return None
         if parent == plan.triggers_dir:
             return None if is_directory else Task("triggers")

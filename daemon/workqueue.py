@@ -2,9 +2,11 @@
 
 Events are wake-ups, not facts: a burst of writes to one DB or one folder becomes one task.
 Each task has a key; putting a task whose key is pending merges it into the pending one (their
-path and hint sets are united).  A task becomes ready after ``settle_seconds`` without a new
-event for its key, or ``max_wait_seconds`` after its first event, whichever comes first, so a
-steady stream of writes can delay work by at most ``max_wait_seconds``, never starve it.
+path and hint sets are united).  A file task becomes ready after ``settle_seconds`` without a new
+event for its key (files are written in pieces), or ``max_wait_seconds`` after its first event,
+whichever comes first, so a steady stream of writes can delay work by at most
+``max_wait_seconds``, never starve it.  A DB-commit task is throttled instead: ready
+``settle_seconds`` after its first event, whatever follows.
 Ready tasks leave in the order their first event arrived (per-project order is preserved).
 
 This room knows nothing of what tasks mean; it never raises into a producer.
@@ -31,6 +33,10 @@ class Task:
     args: tuple[tuple[str, Any], ...] = ()
     trigger: str | None = None  # the claimed trigger file to finish, if any
     urgent: bool = False  # skip the settle delay (triggers, scheduled jobs)
+    #: ready ``settle`` after the FIRST event (throttle) instead of after the last (debounce):
+    #: for DB commits, whose work is incremental and cheap, so a steady stream of commits is
+    #: validated every ``settle`` seconds rather than every ``max_wait``
+    throttle: bool = False
 
     @property
     def key(self) -> tuple[str, str | None, str | None]:
@@ -39,7 +45,8 @@ class Task:
 
     def merged(self, other: Task) -> Task:
         return replace(self, paths=self.paths | other.paths, hints=self.hints | other.hints,
-                       urgent=self.urgent or other.urgent)
+                       urgent=self.urgent or other.urgent,
+                       throttle=self.throttle or other.throttle)
 
     def arg(self, name: str, default: Any = None) -> Any:
         return dict(self.args).get(name, default)
@@ -81,6 +88,8 @@ class WorkQueue:
     def _ready_at(self, entry: _Entry) -> float:
         if entry.task.urgent:
             return entry.first
+        if entry.task.throttle:
+            return entry.first + self.settle
         return min(entry.last + self.settle, entry.first + self.max_wait)
 
     def get(self, timeout: float) -> Task | None:

@@ -30,7 +30,8 @@ class TestClassify:
 
     def test_wal_and_journal_map_to_their_db(self, plan: WatchPlan) -> None:
         for name in ("mojo3.db", "mojo3.db-wal", "mojo3.db-journal"):
-            assert classify(str(plan.decisions_dir / name), plan) == Task("validate", "mojo3")
+            assert classify(str(plan.decisions_dir / name), plan) == Task("validate", "mojo3",
+                                                                          throttle=True)
 
     @pytest.mark.parametrize("name", ["mojo3.db-shm", "mojo3_temp.db", "mojo3.db.backup-1",
                                       ".mojo3.db.tmp", "notes.txt"])
@@ -106,7 +107,7 @@ class TestRealObserver:
                      "user_selected_index, user_action, image_width, image_height) "
                      "VALUES ('g', '2025-10-23T20:44:56Z', 'mojo3', '[\"a.png\"]', 0, "
                      "'approve', 10, 10)")
-        sink.wait_for(lambda t: t == Task("validate", "mojo3"))
+        sink.wait_for(lambda t: t == Task("validate", "mojo3", throttle=True))
         conn.close()
 
     def test_our_read_only_open_does_not_wake_us(self, plan: WatchPlan,
@@ -173,6 +174,27 @@ class TestWorkQueue:
         t.start()
         try:
             assert q.get(timeout=3) == Task("validate", "p")
+        finally:
+            stop.set()
+            t.join()
+
+    def test_commits_are_throttled_not_debounced(self) -> None:
+        """A commit stream every 10 ms is validated settle seconds after its first event,
+        long before max_wait."""
+        q = WorkQueue(settle_seconds=0.1, max_wait_seconds=30)
+        stop = threading.Event()
+
+        def stream() -> None:
+            while not stop.is_set():
+                q.put(Task("validate", "p", throttle=True))
+                time.sleep(0.01)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            started = time.monotonic()
+            assert q.get(timeout=5) is not None
+            assert time.monotonic() - started < 5  # 30 s would mean debounced to max_wait
         finally:
             stop.set()
             t.join()
