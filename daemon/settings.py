@@ -15,8 +15,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
@@ -80,17 +81,63 @@ class ServiceSettings(_Section):
     timezone: str = "UTC"  # IANA name for daily_summary_time
     retrain_check_minutes: float = Field(15.0, gt=0)
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {value!r}") from None
+        return value
+
 
 class EmbeddingSettings(_Section):
-    """CLIP embedding extraction (owned by the embedding room)."""
+    """CLIP embedding extraction (owned by the embedding room).  Reference: EMBEDDINGS.md."""
 
-    model: str = "ViT-B-32"
+    model: str = "ViT-B-32"  # an open_clip model name
+    #: open_clip pretrained tag resolved ONLY from the local Hugging Face cache (never
+    #: downloaded), or "none": random init, for tests and demos (recorded in the embedder_id)
+    pretrained: str = "openai"
+    weights_path: Path | None = None  # a local checkpoint file; wins over the tag's file
+    hf_cache_dir: Path | None = None  # default: huggingface_hub's (HF_HUB_CACHE / HF_HOME)
+    random_seed: int = Field(0, ge=0)  # the seed of pretrained = "none"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: CUDA, then MPS, then CPU
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on a GPU
+    batch_size: int = Field(32, ge=1, le=4096)  # images per model call
+    decode_workers: int = Field(0, ge=0, le=64)  # decode threads; 0: one per CPU core, max 8
+    queue_batches: int = Field(2, ge=1, le=64)  # decoded batches held ahead of the model
+    max_image_pixels: int = Field(100_000_000, ge=1)  # larger: image_too_large (bomb guard)
+    jpeg_draft: bool = True  # decode large JPEGs at reduced scale (DCT draft mode)
 
 
 class TrainingSettings(_Section):
     """Ranker / crop proposer training and the retrain policy (owned by the training room)."""
 
+    # -- retrain policy (Documents/TRAINING.md) --
+    min_new_labels: int = Field(200, ge=1)  # new valid labels since the last training
+    min_interval_hours: float = Field(6.0, ge=0)  # between two attempts of one model kind
+    max_staleness_hours: float = Field(168.0, gt=0)  # retrain on any new label after this
+    timeout_minutes: float = Field(60.0, gt=0)  # a training process running longer is killed
+    # -- split --
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_seed: int = Field(0, ge=0)  # part of the hash: changing it reshuffles every group
+    holdout_projects: list[str] = Field(default_factory=list)  # held out whole
+    min_train_groups: int = Field(20, ge=1)
+    min_holdout_groups: int = Field(5, ge=1)
+    # -- optimisation --
+    epochs: int = Field(15, ge=1, le=10_000)
+    crop_epochs: int = Field(60, ge=1, le=10_000)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    batch_size: int = Field(512, ge=1, le=65_536)  # groups (ranker) or crops per step
+    anomaly_weight: float = Field(3.0, ge=1)  # loss weight of anomaly groups (1: none)
+    crop_use_stage: bool = False  # stage as an input: better fit, but no reviewer-format export
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # -- evaluation and promotion --
+    baseline_agreement_limit: float = Field(0.99, gt=0, le=1)  # flagged as baseline copy above
+    promotion_margin: float = Field(0.0, ge=0, le=1)  # must beat the champion by more than this
 
 
 class AuditSettings(_Section):
@@ -98,6 +145,8 @@ class AuditSettings(_Section):
 
     command: list[str] = Field(default_factory=list)  # argv; empty: no audits
     soft_limit_tokens_per_day: int = Field(10_000, ge=0)
+    timeout_seconds: float = Field(120.0, gt=0)  # one hook call; killed after
+    max_rows_per_call: int = Field(50, ge=1, le=10_000)
 
 
 class ProjectSettings(_Section):

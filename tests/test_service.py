@@ -107,8 +107,9 @@ class TestWork:
 
     def test_new_rows_are_validated_promptly(self, home: Path, daemon: Daemon) -> None:
         daemon.wait_event("validation.project_checked", project="demo")
-        from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
         import random
+
+        from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
 
         conn = sqlite3.connect(decisions(home) / "demo.db", isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon.decisions.reader import SourceReader
 from daemon.decisions.schema import create_v3_db
@@ -115,7 +116,7 @@ class TestRealObserver:
         """No feedback loop: reading a DB produces no validate task."""
         conn = create_v3_db(plan.decisions_dir / "mojo3.db")
         conn.execute("CREATE TABLE t (x)")  # leave a -wal behind: the writer stays open
-        watcher, sink = running
+        _, sink = running
         sink.wait_for(lambda t: t.kind == "validate")
         self._barrier(plan, sink, "first")  # everything the writer caused has been delivered
         for _ in range(3):

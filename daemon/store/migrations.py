@@ -99,4 +99,70 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX sidecars_group ON sidecars(group_id);
         """,
     ),
+    (
+        "0003_embeddings",
+        """
+        -- one line per vector in the content-addressed cache (the .npy file is the vector)
+        CREATE TABLE embeddings (
+            sha256      TEXT NOT NULL,         -- of the image file's bytes
+            embedder_id TEXT NOT NULL,
+            dim         INTEGER NOT NULL,
+            width       INTEGER,
+            height      INTEGER,
+            created_at  TEXT NOT NULL,
+            PRIMARY KEY (sha256, embedder_id)
+        ) WITHOUT ROWID;
+        -- what the embedding stage last learned of each image file it was given
+        CREATE TABLE embed_files (
+            project    TEXT NOT NULL,
+            path       TEXT NOT NULL,          -- absolute, as last seen
+            file_name  TEXT NOT NULL,
+            size       INTEGER,
+            mtime_ns   INTEGER,
+            sha256     TEXT,                   -- NULL when the bytes could not be read
+            status     TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+            code       TEXT,                   -- issue code when failed
+            message    TEXT,
+            width      INTEGER,
+            height     INTEGER,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (project, path)
+        );
+        CREATE INDEX embed_files_name ON embed_files(project, file_name);
+        CREATE INDEX embed_files_sha ON embed_files(sha256);
+        """,
+    ),
+    (
+        "0004_training",
+        """
+        -- labels a model kind has already been trained on: new labels = valid rows not in here
+        CREATE TABLE training_marks (
+            kind     TEXT NOT NULL,               -- 'ranker' or 'crop'
+            project  TEXT NOT NULL,
+            row_key  TEXT NOT NULL,
+            PRIMARY KEY (kind, project, row_key)
+        ) WITHOUT ROWID;
+        -- one line per training attempt (history for the summary and the retrain policy)
+        CREATE TABLE training_runs (
+            id           INTEGER PRIMARY KEY,
+            kind         TEXT NOT NULL,
+            started_at   TEXT NOT NULL,
+            finished_at  TEXT,
+            status       TEXT NOT NULL,           -- running, promoted, not_promoted, failed, ...
+            version      INTEGER,
+            promoted     INTEGER NOT NULL DEFAULT 0,
+            reason       TEXT NOT NULL DEFAULT '',
+            new_labels   INTEGER NOT NULL DEFAULT 0,
+            metrics      TEXT NOT NULL DEFAULT '{}'  -- JSON: the model's and baselines' figures
+        );
+        CREATE INDEX training_runs_kind ON training_runs(kind, started_at);
+        -- the audit hook's token use per UTC day
+        CREATE TABLE token_ledger (
+            day      TEXT PRIMARY KEY,            -- YYYY-MM-DD (UTC)
+            tokens   INTEGER NOT NULL DEFAULT 0,
+            calls    INTEGER NOT NULL DEFAULT 0,
+            warned   INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 )
