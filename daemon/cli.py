@@ -70,10 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="per-project validation figures")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", parents=[common], help="build a sample project with planted "
-                       "faults, validate it and write the inspection report")
-    p.add_argument("--out", type=Path, help="demo data root (default: <data_root>/demo)")
-    p.add_argument("--rows", type=int, default=200)
+    p = sub.add_parser("demo", parents=[common], help="run the daemon for a while on a "
+                       "self-contained demo tree fed by the upstream simulator")
+    p.add_argument("--out", type=Path, help="demo tree (default: <data_root>/demo)")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long the daemon runs")
+    p.add_argument("--groups", type=int, default=40, help="groups the simulator reviews")
 
     from daemon.backfill_cli import add_backfill_parser
     from daemon.embedding.cli import add_embed_parser
@@ -280,11 +281,15 @@ def status_document(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    doc = status_document(settings)
     if args.json:
-        json.dump(doc, sys.stdout, indent=2)
+        json.dump(status_document(settings), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    return print_status(settings)
+
+
+def print_status(settings: Settings) -> int:
+    doc = status_document(settings)
     beat = doc["daemon"]
     if beat is None:
         print("daemon: not running (no heartbeat file)")
@@ -333,7 +338,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"--out: {root} is not empty and not an earlier demo; "
                               "choose another folder")
         shutil.rmtree(root)
-    return run_demo(settings.with_data_root(root), rows=args.rows, marker=DEMO_MARKER)
+    return run_demo(root, seconds=args.seconds, groups=args.groups, marker=DEMO_MARKER)
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,86 +1,106 @@
-"""``trainingd demo``: a self-contained run on generated data, for a first look.
+"""``trainingd demo``: the real daemon on a self-contained tree, for a first look.
 
-Builds a small sample project whose DB was written by an "older script" (no CHECKs) with one
-row per known fault, a clean second project sharing one group_id with it, and the sibling files
-that live processing must ignore; validates everything, shows the incremental path (new rows
-and a crop finished in place cost only those rows), and writes the inspection report.
+Builds ``data/demo/`` with its own ``config.toml``: a legacy project whose DB was written by an
+older script (no CHECKs) with one row per known fault, and a live project fed by the upstream
+simulator (a separate process behaving like the reviewer and the crop tool).  Runs
+``trainingd run`` in-process for a bounded time while dropping a few trigger files, then prints
+where every output went.  Embeddings use a random-init model (``pretrained = "none"``), which is
+recorded as such: the demo shows the machinery, not a useful model.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
-from datetime import UTC, datetime
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
-from daemon.reports import build_inspection, write_inspection
-from daemon.sample import INSERT_SQL, copy_row_into, reviewer_row, row_tuple, write_sample_project
-from daemon.settings import Settings
-from daemon.store.db import StateStore
-from daemon.validation import Validator, discover_projects
+from daemon.sample import write_sample_project
+from daemon.service import Service
+from daemon.settings import load_settings
+
+DEMO_CONFIG = """\
+# written by `trainingd demo`; run the same daemon again with:
+#   trainingd run --config {config}
+[paths]
+data_root = "."
+
+[watcher]
+settle_seconds = 0.2
+max_wait_seconds = 1.0
+
+[service]
+heartbeat_seconds = 1
+
+[embedding]
+pretrained = "none"     # random init: a demo, never for real use
+batch_size = 16
+
+[training]
+min_new_labels = 20
+min_train_groups = 10
+min_holdout_groups = 3
+epochs = 5
+crop_epochs = 10
+
+[projects.studio]
+image_roots = ["photos"]
+"""
 
 
-def run_demo(settings: Settings, *, rows: int, marker: str) -> int:
-    import random
-
-    root = settings.data_root
+def run_demo(root: Path, *, seconds: float, groups: int, marker: str) -> int:
     root.mkdir(parents=True, exist_ok=True)
     (root / marker).write_text("made by trainingd demo; safe to delete\n")
-    decisions = settings.decisions_dir
-    demo_db, planted = write_sample_project(decisions, "demo", rows=rows)
-    other_db, _ = write_sample_project(decisions, "studio", rows=max(10, rows // 5), seed=11,
-                                       faults=False)
-    copy_row_into(other_db, next(iter(planted)), demo_db)
-    shutil.copy(other_db, decisions / "studio.db.backup-20251024_101500")
-    shutil.copy(other_db, decisions / "studio_temp.db")
+    config = root / "config.toml"
+    config.write_text(DEMO_CONFIG.format(config=config))
+    (root / "photos").mkdir(exist_ok=True)
+    settings = load_settings(config)
+    _, planted = write_sample_project(settings.decisions_dir, "legacy", rows=60)
+    print(f"demo tree: {root}")
+    print(f"  legacy.db: 60 rows + {len(planted)} planted faults "
+          f"({', '.join(sorted(set(planted.values())))})")
+    print(f"  studio: the simulator reviews {groups} groups into photos/ while the daemon runs")
+    print(f"running the daemon for {seconds:g} s (logs on stderr) ...\n", flush=True)
 
-    store = StateStore(settings.state_db)
-    validator = Validator(store, settings)
-    print(f"demo data: {root}")
-    print(f"planted faults in demo.db: {len(planted)} ({', '.join(sorted(set(planted.values())))})")
-    print("\n1) first validation (every row is new):")
-    results = validator.validate_all()
-    for r in results:
-        print(f"   {r.project}: {r.rows_checked}/{r.rows_total} rows checked, "
-              f"{r.errors} error(s), {r.warnings} warning(s)")
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "daemon.simulator", "--decisions", str(settings.decisions_dir),
+         "--images", str(root / "photos"), "--project", "studio", "--groups", str(groups),
+         "--rate", "4", "--crop-delay-seconds", "2", "--seed", "7"],
+        stdout=subprocess.DEVNULL)
+    triggers = settings.triggers_dir
 
-    # the reviewer keeps working (its writer connection stays open, WAL mode) ...
-    rng = random.Random(99)
-    writer = sqlite3.connect(demo_db, isolation_level=None)
-    writer.execute("PRAGMA journal_mode=WAL")
-    new = [reviewer_row("demo", 10_000 + n, rng, pending=n < 2) for n in range(5)]
-    for row in new:
-        writer.execute(INSERT_SQL, row_tuple(row))
-    print("\n2) the reviewer adds 5 groups (2 of them wait for a crop):")
-    for r in validator.validate_all():
-        print(f"   {r.project}: {r.mode}, {r.rows_checked} row(s) checked of {r.rows_total}")
-    # ... and the crop tool finishes one of the waiting crops, UPDATEing the row in place
-    writer.execute(
-        "UPDATE ai_decisions SET user_action = 'crop', final_crop_coords = ?, "
-        "crop_timestamp = ? WHERE group_id = ?",
-        (json.dumps([0.1, 0.1, 0.7, 0.7]), "2025-10-25T09:00:00Z", new[0]["group_id"]))
-    print("\n3) the crop tool finishes one crop in place:")
-    for r in validator.validate_all():
-        print(f"   {r.project}: {r.mode}, {r.rows_checked} row(s) checked of {r.rows_total}")
-    writer.close()
+    def drop_triggers() -> None:
+        time.sleep(max(1.0, seconds * 0.25))
+        (triggers / "explode").write_text("rm -rf /")  # refused: unknown action
+        time.sleep(max(1.0, seconds * 0.35))
+        (triggers / "retrain.json").write_text(json.dumps({"model": "ranker", "force": True}))
+        time.sleep(max(1.0, seconds * 0.2))
+        (triggers / "inspect").write_text("")
+        (triggers / "summary").write_text("")
 
-    now = datetime.now(UTC)
-    sources = discover_projects(settings)
-    report = build_inspection(sources, validator.validate_all(), store, now=now,
-                              first_rows=settings.validation.report_first_rows)
-    store.close()
-    json_path, md_path = write_inspection(report, settings.summaries_dir, now)
-    t = report["totals"]
-    print(f"\n4) inspection: {t['rows']} rows, {t['errors']} error(s), {t['warnings']} "
-          f"warning(s), {t['invalid_rows']} invalid row(s)")
-    ignored = sorted(p.name for p in decisions.iterdir()
-                     if not p.name.endswith(("-wal", "-shm", "-journal"))
-                     and (p.suffix != ".db" or p.name.endswith("_temp.db")))
-    print(f"   ignored for live processing: {', '.join(ignored)}")
-    print("\noutputs:")
-    print(f"   inspection report: {json_path}")
-    print(f"   markdown twin:     {md_path}")
-    print(f"   state DB:          {settings.state_db}")
-    print(f"   decision DBs:      {decisions}")
-    print(f"\nsee it again: TRAININGD_PATHS__DATA_ROOT={root} trainingd status")
-    return 0
+    threading.Thread(target=drop_triggers, daemon=True).start()
+    code = Service(settings, config_path=config, run_seconds=seconds).run()
+    if sim.poll() is None:
+        sim.terminate()
+    sim.wait(30)
+
+    print("\nwhat the daemon left behind:")
+    for label, folder, pattern in (
+            ("inspection report", settings.summaries_dir, "ai_training_inspection_*.json"),
+            ("daily summary", settings.summaries_dir, "daily_summary_*.md"),
+            ("summary plots", settings.summaries_dir, "*.png"),
+            ("models", settings.models_dir, "*_metadata.json"),
+            ("embeddings (.npy)", settings.cache_dir, "**/*.npy"),
+            ("triggers done", triggers / "done", "*.result.json"),
+            ("triggers failed", triggers / "failed", "*.result.json")):
+        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        shown = ", ".join(p.name for p in found[:3]) + (" ..." if len(found) > 3 else "")
+        print(f"  {label:19} {len(found):4}  {folder}  {shown}")
+    print()
+    from daemon.cli import print_status
+
+    print_status(settings)
+    print(f"\nagain, by hand: trainingd status --config {config}")
+    return code

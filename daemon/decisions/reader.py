@@ -27,6 +27,8 @@ Row = tuple[Any, ...]
 
 _BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
 _IN_CHUNK = 500  # stays far below SQLITE_MAX_VARIABLE_NUMBER on every build
+_SQLITE_CANTOPEN = 14
+_CANTOPEN_ATTEMPTS = 6  # about 2 s in all
 
 
 def is_busy_error(exc: BaseException) -> bool:
@@ -82,17 +84,25 @@ class SourceReader:
         self.path = path
         self.busy_budget_seconds = busy_budget_seconds
         uri = path.resolve().as_uri() + "?mode=ro"
-        try:
-            self.conn = sqlite3.connect(
-                uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                check_same_thread=False,
-            )
-            self.conn.execute("PRAGMA query_only = ON")
-            self.schema: SchemaReport = self._retry(lambda: detect_schema(self.conn))
-        except sqlite3.DatabaseError as exc:
-            if is_busy_error(exc):
-                raise SourceBusyError(str(exc), path=path) from exc
-            raise SchemaError(f"{path}: {exc}", path=path) from exc
+        for attempt in range(_CANTOPEN_ATTEMPTS):
+            try:
+                self.conn = sqlite3.connect(
+                    uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                    check_same_thread=False,
+                )
+                self.conn.execute("PRAGMA query_only = ON")
+                self.schema: SchemaReport = self._retry(lambda: detect_schema(self.conn))
+                break
+            except sqlite3.DatabaseError as exc:
+                if is_busy_error(exc):
+                    raise SourceBusyError(str(exc), path=path) from exc
+                # a DB being created right now (no -shm yet for a WAL reader) cannot be opened
+                # for a moment: retry briefly before calling the file unreadable
+                if (getattr(exc, "sqlite_errorcode", None) == _SQLITE_CANTOPEN
+                        and attempt + 1 < _CANTOPEN_ATTEMPTS):
+                    time.sleep(0.1 * (attempt + 1))
+                    continue
+                raise SchemaError(f"{path}: {exc}", path=path) from exc
         present = set(self.schema.columns)
         self._select = ", ".join(
             ["rowid", *(c if c in present else f"NULL AS {c}" for c in COLUMNS)]
