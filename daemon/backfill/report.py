@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,7 +19,7 @@ from typing import IO, Any
 
 from daemon import __version__
 from daemon.backfill.run import BackfillOptions, BackfillOutcome, LineIssue
-from daemon.fsutil import fsync_dir
+from daemon.fsutil import atomic_writer
 from daemon.timeparse import iso_utc, utc_stamp
 
 MD_ISSUE_LIMIT = 500
@@ -75,21 +73,8 @@ def _warning_codes() -> set[str]:
     return {c for c, s in SEVERITY.items() if s == "warning"}
 
 
-@contextlib.contextmanager
-def _atomic_text(path: Path) -> Iterator[IO[str]]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+def _atomic_text(path: Path) -> contextlib.AbstractContextManager[IO[str]]:
+    return atomic_writer(path, "w")
 
 
 def _write_list(fh: IO[str], items: Iterator[LineIssue]) -> None:
