@@ -43,13 +43,19 @@ def parse_stage(file_name: str) -> float | None:
 # -- the image index ---------------------------------------------------------------------------
 
 
-def iter_image_files(root: Path) -> Iterator[Path]:
-    """Every image under ``root`` (recursive; folder names contain spaces; errors skipped)."""
+def iter_files(root: Path, suffixes: frozenset[str]) -> Iterator[Path]:
+    """Files under ``root`` with one of ``suffixes`` (lower case), recursively.  Folder names
+    contain spaces; an unreadable folder (permissions, a symlink loop) is skipped, never an
+    exception: the next reconcile sees it again once it is readable."""
     for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:
                 yield Path(folder) / name
+
+
+def iter_image_files(root: Path) -> Iterator[Path]:
+    return iter_files(root, IMAGE_SUFFIXES)
 
 
 class ImageIndex:

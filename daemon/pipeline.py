@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from daemon.errors import DaemonError, EmbeddingError
-from daemon.images import ImageIndex
+from daemon.images import ImageIndex, iter_files
 from daemon.records import ImageCandidate, Issue, ProjectResult
 from daemon.settings import Settings
 from daemon.store.db import StateStore
@@ -140,7 +140,8 @@ class Pipeline:
     def _scan_project(self, project: str) -> dict[str, Any]:
         roots = [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
         counts = self.index.scan(project, [r for r in roots if r.is_dir()], self.clock())
-        sidecars = sorted(str(p) for r in roots if r.is_dir() for p in r.rglob("*.decision"))
+        sidecars = sorted(str(p) for r in roots if r.is_dir()
+                          for p in iter_files(r, frozenset({".decision"})))
         known = {r[0] for r in self.store.conn.execute(
             "SELECT path FROM sidecars WHERE project = ? AND gone_at IS NULL", (project,))}
         stats = self._sidecars(project, set(sidecars) | known)

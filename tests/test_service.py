@@ -189,3 +189,65 @@ class TestFaults:
         finally:
             conn.close()
             assert d.stop() == 0
+
+
+class TestSidecarFaults:
+    """Floods and broken folders under an image root."""
+
+    @pytest.fixture
+    def photo_daemon(self, home: Path) -> Iterator[tuple[Daemon, Path]]:
+        photos = home / "photos"
+        (photos / "__crop").mkdir(parents=True)
+        write_sample_project(decisions(home), "demo", rows=5, faults=False)
+        config = write_config(home / "config.toml", image_roots={"demo": [photos]})
+        # a reconcile every 3 s: what an overflowed inotify queue falls back on
+        config.write_text(config.read_text().replace(
+            "max_wait_seconds = 1.0", "max_wait_seconds = 1.0\nreconcile_minutes = 0.05"))
+        d = Daemon(config)
+        d.wait_event("service.started")
+        yield d, photos
+        if d.proc.poll() is None:
+            d.kill()
+
+    @staticmethod
+    def sidecar_count(home: Path) -> int:
+        try:
+            conn = sqlite3.connect(f"file:{home / 'data' / 'daemon' / 'state.db'}?mode=ro",
+                                   uri=True)
+            try:
+                return int(conn.execute("SELECT count(*) FROM sidecars WHERE gone_at IS NULL")
+                           .fetchone()[0])
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return -1
+
+    def test_ten_thousand_sidecars_at_once(self, home: Path,
+                                           photo_daemon: tuple[Daemon, Path]) -> None:
+        """Every one is recorded (events or the reconcile) and reported as an orphan."""
+        d, photos = photo_daemon
+        body = json.dumps({"group_id": "x", "project_id": "demo", "needs_crop": True})
+        for i in range(10_000):
+            (photos / "__crop" / f"20250101_{i:06d}_stage2_upscaled.decision").write_text(body)
+        wait_until(lambda: self.sidecar_count(home) == 10_000, timeout=120,
+                   what="10,000 sidecars recorded")
+        assert d.proc.poll() is None
+        assert d.stop() == 0
+
+    def test_sidecar_folder_becomes_unreadable(self, home: Path,
+                                               photo_daemon: tuple[Daemon, Path]) -> None:
+        """The folder turns into a symlink loop (ELOOP: what root can feel of 'unreadable'):
+        the daemon keeps running, the sidecars are marked gone, and come back with it."""
+        d, photos = photo_daemon
+        crop = photos / "__crop"
+        (crop / "20250101_000001_stage2_upscaled.decision").write_text(
+            json.dumps({"group_id": "x", "project_id": "demo", "needs_crop": True}))
+        wait_until(lambda: self.sidecar_count(home) == 1, what="sidecar recorded")
+        crop.rename(home / "saved")  # out of the image root
+        crop.symlink_to(crop)  # every access: too many levels of symbolic links
+        wait_until(lambda: self.sidecar_count(home) == 0, timeout=60, what="marked gone")
+        assert d.proc.poll() is None
+        crop.unlink()
+        (home / "saved").rename(crop)
+        wait_until(lambda: self.sidecar_count(home) == 1, timeout=60, what="back again")
+        assert d.stop() == 0
