@@ -223,7 +223,10 @@ class Pipeline:
             try:
                 from daemon.embedding.stage import EmbeddingStage
 
-                self._embedding = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
+                stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
+                _ = stage.embedder  # load now: missing weights must surface here, not later
+                self._embedding = stage
+                log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id)
             except (ImportError, EmbeddingError) as exc:
                 self.embedding_disabled = str(exc)
                 log.error("embedding.stage_disabled", reason=str(exc))
@@ -362,6 +365,9 @@ class Pipeline:
     def _do_reconcile(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
         """Everything, from scratch: a missed event costs minutes, never data."""
         out: dict[str, Any] = {"validated": [], "scanned": {}}
+        if self.image_roots() and self._embedding is None and self.embedding_disabled is None:
+            # load (or fail to find) the model now, at startup, not in front of the first commit
+            self._embedding_stage()
         for src in discover_projects(self.settings):
             if should_stop():
                 return out
