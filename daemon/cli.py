@@ -249,11 +249,13 @@ def status_document(settings: Settings) -> dict[str, Any]:
     projects: list[dict[str, Any]] = []
     known: set[str] = set()
     embedding: dict[str, dict[str, int]] = {}
+    embedder: str | None = None
     audit: dict[str, Any] | None = None
     if settings.state_db.is_file():
         store = StateStore(settings.state_db, read_only=True)
         try:
             embedding = coverage(store, settings)
+            embedder = store.get_meta("embedding.embedder_id")
             audit = audit_budget(store, settings, datetime.now(UTC)).to_dict()
             for cp in store.checkpoints():
                 counts = store.issue_counts(cp.project)
@@ -277,7 +279,7 @@ def status_document(settings: Settings) -> dict[str, Any]:
 
     return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
             "decisions_dir": str(settings.decisions_dir), "projects": projects,
-            "embedding_coverage": embedding, "audit_tokens": audit}
+            "embedder_id": embedder, "embedding_coverage": embedding, "audit_tokens": audit}
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -316,7 +318,9 @@ def print_status(settings: Settings) -> int:
         print("no projects yet: put decision DBs in the decisions folder, then run "
               "`trainingd validate`")
     if doc["embedding_coverage"]:
-        print("embeddings (images seen / embedded / failed):")
+        embedder = doc["embedder_id"] or "none yet"
+        warn = "  (RANDOM WEIGHTS: demo/test only)" if "random-init" in embedder else ""
+        print(f"embeddings by {embedder}{warn} (images seen / embedded / failed):")
         for project, c in doc["embedding_coverage"].items():
             print(f"  {project}: {c.get('seen', 0)} / {c.get('embedded', 0)} / "
                   f"{c.get('failed', 0)}")

@@ -235,7 +235,11 @@ class Pipeline:
     def _do_embed(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
         present = self.index.present(task.project)
         recent = set().union(*self.recent_images.values()) if self.recent_images else set()
-        candidates = [ImageCandidate(p, name, path, 0 if name in recent else 1)
+        # first: images of rows that just arrived, and losers waiting in delete staging: both
+        # may be deleted soon after review, and an embedding not taken then is data lost
+        candidates = [ImageCandidate(p, name, path, 0 if name in recent or any(
+                          part in ("__delete_staging", "delete_staging") for part in path.parts)
+                          else 1)
                       for p, name, path in present]
         if not candidates:
             return {"queued": 0, "embedded": 0}

@@ -108,9 +108,10 @@ def _run_child(settings: Settings, kind: Kind, *, vectors_factory: str,
                         result = event
                     elif progress is not None:
                         progress({**event, "pid": proc.pid})
-                    continue
-                if proc.poll() is not None:
+                elif proc.poll() is not None:
                     break
+                # checked on every turn: a child that reports progress quickly must not starve
+                # a stop request or the timeout
                 if stop_sent is None and should_stop():
                     proc.send_signal(signal.SIGTERM)
                     stop_sent = time.monotonic()
