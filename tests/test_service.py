@@ -4,9 +4,11 @@ socket, real files dropped in while it runs."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 
 from daemon.sample import write_sample_project
 from tests.daemon_harness import Daemon, wait_until, write_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @pytest.fixture
@@ -136,6 +140,27 @@ class TestWork:
             (failed / "backfill.json.result.json").read_text())["error"]
         assert daemon.stop() == 0
 
+    def test_backfill_trigger_writes_a_new_db_that_is_then_validated(
+        self, home: Path, daemon: Daemon
+    ) -> None:
+        """The backfill trigger runs the same conversion with the same safety rules: the CSV
+        must lie inside the data roots; the new DB appears and is validated."""
+        daemon.wait_event("validation.project_checked", project="demo")
+        legacy = home / "data" / "legacy"
+        legacy.mkdir()
+        shutil.copy(SHARED / "legacy" / "select_crop_log.csv", legacy)
+        (home / "data" / "triggers" / "backfill.json").write_text(json.dumps(
+            {"csv": [str(legacy / "select_crop_log.csv")], "project": "mojo1",
+             "execute": True}))
+        done = home / "data" / "triggers" / "done" / "backfill.json.result.json"
+        wait_until(done.exists, timeout=60, what="backfill trigger done")
+        result = json.loads(done.read_text())["result"]
+        assert result["converted"] + result["rejected"] == 7194 and result["converted"] > 7000
+        assert result["created"] == [str(decisions(home) / "mojo1.db")]
+        daemon.wait_event("validation.project_checked", project="mojo1",
+                          rows_checked=result["converted"], errors=0)
+        assert daemon.stop() == 0
+
     def test_pause_defers_work_and_resume_runs_it(self, home: Path, daemon: Daemon) -> None:
         daemon.wait_event("validation.project_checked", project="demo")
         triggers = home / "data" / "triggers"
@@ -174,16 +199,22 @@ class TestFaults:
         finally:
             assert again.stop() == 0
 
-    def test_db_locked_by_a_writer_for_seconds_is_waited_for(self, home: Path) -> None:
-        """A rollback-journal DB held EXCLUSIVE: retried, then validated, never skipped."""
+    def test_db_locked_by_a_writer_for_ten_seconds(self, home: Path) -> None:
+        """A rollback-journal DB held EXCLUSIVE for 10 s: retried (not failed, not skipped),
+        validated once the writer lets go; the daemon stays healthy throughout."""
         path, _ = write_sample_project(decisions(home), "locked", rows=5, faults=False)
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute("BEGIN EXCLUSIVE")
+        locked_at = time.monotonic()
         d = Daemon(write_config(home / "config.toml"))
         try:
             d.wait_event("service.started")
-            wait_until(lambda: d.proc.poll() is None and len(d.records()) > 3, what="running")
+            wait_until(lambda: time.monotonic() - locked_at >= 10, timeout=30, what="10 s")
+            assert d.proc.poll() is None
+            assert not [r for r in d.records() if r.get("event") in
+                        ("validation.project_checked", "validation.db_unreadable",
+                         "validation.source_busy")]
             conn.execute("COMMIT")
             d.wait_event("validation.project_checked", project="locked", rows_checked=5)
         finally:
