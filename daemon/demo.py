@@ -67,7 +67,10 @@ def run_demo(root: Path, *, seconds: float, groups: int, marker: str) -> int:
     sim = subprocess.Popen(
         [sys.executable, "-m", "daemon.simulator", "--decisions", str(settings.decisions_dir),
          "--images", str(root / "photos"), "--project", "studio", "--groups", str(groups),
-         "--rate", "4", "--crop-delay-seconds", "2", "--seed", "7"],
+         "--rate", "4", "--crop-delay-seconds", "2", "--seed", "7",
+         # losers are deleted a few seconds after review (in real use: minutes); faster than
+         # the embedding stage reaches them, they would show up as image_vanished: data lost
+         "--delete-delay-seconds", "5"],
         stdout=subprocess.DEVNULL)
     triggers = settings.triggers_dir
 
