@@ -307,7 +307,8 @@ silently and nothing is modified to make it fit. This table is generated from `d
 | `severity` | `error`: the row (or DB) is excluded from training; `warning`: reported, \
 still usable (for `crop_incomplete`: not yet) |
 | `project` | the project the DB file belongs to (file name without `.db`, `_temp`, `.backup-*`) |
-| `db_file` | absolute path of the decision DB |
+| `db_file` | absolute path of the file at fault: the decision DB, or for sidecar, image and \
+backfill issues the sidecar, image or CSV file |
 | `group_id` | the row's `group_id` as stored (`null` for schema findings and non-text ids) |
 | `rowid` | SQLite rowid of the row when it was checked (`null` for schema findings) |
 | `field` | the column at fault |

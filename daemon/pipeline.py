@@ -30,6 +30,7 @@ from daemon.workqueue import Task
 log = structlog.get_logger("pipeline")
 
 SIDECAR_KEY = "#sidecar:"
+IMAGE_KEY = "#image:"
 
 
 class Pipeline:
@@ -257,7 +258,21 @@ class Pipeline:
             log.error("embedding.stage_failed", error=str(exc))
             return {"error": str(exc)}
         self.recent_images.clear()
+        self._record_image_issues(result)
         return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+
+    def _record_image_issues(self, result: Any) -> None:
+        """Bad images become issue records beside bad rows and sidecars (keyed by path), and
+        leave again once the file embeds fine (its bytes changed)."""
+        now = self.clock()
+        with self.store.transaction():
+            for issue in getattr(result, "issues", ()):
+                key = IMAGE_KEY + issue.db_file
+                self.store.replace_issues(issue.project, [key], [(key, issue)], now)
+            self.store.conn.execute(
+                "DELETE FROM issues WHERE row_key LIKE '#image:%' AND EXISTS (SELECT 1 FROM "
+                "embed_files f WHERE f.project = issues.project AND f.status = 'ok' AND "
+                "'#image:' || f.path = issues.row_key)")
 
     # -- training and reports -------------------------------------------------------------------
 
