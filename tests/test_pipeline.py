@@ -1,5 +1,6 @@
-"""Pipeline stages beyond validation: the audit pass (newly flagged rows go to the configured hook, argv never a shell),
-verdicts are kept, tokens are counted per day, and audits pause above the soft limit."""
+"""Pipeline stages beyond validation: the audit pass (newly flagged rows go to the configured
+hook, an argv never a shell; verdicts kept, tokens counted per day, paused above the soft
+limit) and bad images recorded as issues."""
 
 from __future__ import annotations
 
