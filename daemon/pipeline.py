@@ -41,7 +41,7 @@ class Pipeline:
         self.store = store
         self.put = put
         self.clock = clock
-        self.validator = Validator(store, settings, clock=clock)
+        self.validator = Validator(store, settings, clock=clock, collect_images=True)
         self.index = ImageIndex(store)
         self.paused = False
         self.embedder = embedder
@@ -51,7 +51,7 @@ class Pipeline:
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
-        self.validator = Validator(self.store, settings, clock=self.clock)
+        self.validator = Validator(self.store, settings, clock=self.clock, collect_images=True)
         self._embedding = None
         self.embedding_disabled = None
 
@@ -89,34 +89,13 @@ class Pipeline:
 
     def _validate(self, src: ProjectSource, *, full: bool = False,
                   hints: frozenset[str] = frozenset()) -> ProjectResult:
-        before = self.store.checkpoint(src.project)
         result = self.validator.validate_project(src, full=full, hints=hints)
-        after = self.store.checkpoint(src.project)
-        if after is not None and (before is None or after.max_rowid > before.max_rowid):
-            # images of rows that just arrived are embedded first: their losers are deleted soon
-            self.recent_images.setdefault(src.project, set()).update(
-                self._images_of_rows(src, before.max_rowid if before else 0, after.max_rowid))
+        names = self.validator.take_checked_images(src.project)
+        if names:
+            # images of rows just checked are embedded first: their losers are deleted soon
+            self.recent_images.setdefault(src.project, set()).update(names)
             self.put(Task("embed", src.project))
         return result
-
-    def _images_of_rows(self, src: ProjectSource, after: int, upto: int) -> set[str]:
-        from daemon.decisions.reader import SourceReader
-
-        names: set[str] = set()
-        if upto - after > 50_000:
-            return names  # a first sight of a big DB: all of it is backlog anyway
-        try:
-            with SourceReader(src.db_path) as reader:
-                for chunk in reader.iter_rows(after, upto, 5000):
-                    for row in chunk:
-                        try:
-                            images = json.loads(row[6]) if isinstance(row[6], str) else []
-                        except json.JSONDecodeError:
-                            continue
-                        names.update(n for n in images if isinstance(n, str))
-        except DaemonError:
-            pass
-        return names
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -163,11 +142,9 @@ class Pipeline:
         roots = [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
         # the reviewer commits the row before it writes the sidecar: catch up first, so a
         # brand-new sidecar is not reported as an orphan
-        projects = self.projects()
-        if project in projects:
-            src = self._source(project)
-            if src is not None:
-                self._validate(src)
+        src = self._source(project)
+        if src is not None:
+            self._validate(src)
         hints: dict[str, set[str]] = {}
         stats = {"parsed": 0, "gone": 0, "issues": 0}
         with self.store.transaction():

@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from daemon.decisions.schema import create_v3_db
+from daemon.fsutil import atomic_write_bytes, atomic_write_text
 from daemon.sample import INSERT_SQL, STAGE_NAMES, row_tuple
 
 #: Tiny stand-ins for the real sizes (832x1216, 1216x832, ...), same aspect ratios.
@@ -125,18 +126,12 @@ def _png_bytes(size: tuple[int, int], color: tuple[int, int, int], stage: int) -
 def _write_atomic(path: Path, data: bytes) -> None:
     """Temp name in the same folder, then rename: a watcher never sees a partial file under
     the final name (the temp name starts with a dot and ends with ``.tmp``)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def write_sidecar(path: Path, data: dict[str, Any]) -> None:
     """A kind A sidecar as the reviewer writes it: ``json.dump(indent=2)``, atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _move(src: Path, dst_dir: Path) -> Path:

@@ -15,6 +15,7 @@ the effect is the same (checks are pure, writes are upserts).  Source DBs are on
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ import structlog
 from daemon.codes import SEVERITY
 from daemon.decisions.checks import (
     GROUP_ID,
+    IMAGES,
     ROWID,
     USER_ACTION,
     CheckContext,
@@ -48,6 +50,8 @@ log = structlog.get_logger("validation")
 #: Bump when a rule changes: every row of every project is then checked again.
 RULES_VERSION = 1
 DUP_ACROSS = "group_id_duplicate_across_projects"
+#: a first sight of a big DB is backlog anyway: no need to remember all of its names
+MAX_COLLECTED_IMAGES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +138,18 @@ class Validator:
         settings: Settings,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        collect_images: bool = False,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        #: with ``collect_images``: project -> file names in the rows checked since the last
+        #: :meth:`take_checked_images` (the daemon embeds those first; bounded per project)
+        self.collect_images = collect_images
+        self._checked_images: dict[str, set[str]] = {}
+
+    def take_checked_images(self, project: str) -> set[str]:
+        return self._checked_images.pop(project, set())
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -216,7 +228,8 @@ class Validator:
             aspect_tolerance=v.aspect_tolerance, full_frame_tolerance=v.full_frame_tolerance,
             future_slack=timedelta(hours=v.future_slack_hours),
         )
-        run = _Run(self.store, reader, project, db_file, ctx, now, v.chunk_rows)
+        images = self._checked_images.setdefault(project, set()) if self.collect_images else None
+        run = _Run(self.store, reader, project, db_file, ctx, now, v.chunk_rows, images)
         cp = self.store.checkpoint(project)
         min_rowid, max_rowid, count = reader.snapshot()
         inode = _inode(reader.path)
@@ -281,9 +294,11 @@ class _Run:
     """One validation pass over one open source DB."""
 
     def __init__(self, store: StateStore, reader: SourceReader, project: str, db_file: str,
-                 ctx: CheckContext, now: datetime, chunk_rows: int) -> None:
+                 ctx: CheckContext, now: datetime, chunk_rows: int,
+                 images: set[str] | None = None) -> None:
         self.store, self.reader, self.project, self.db_file = store, reader, project, db_file
         self.ctx, self.now, self.chunk_rows = ctx, now, chunk_rows
+        self.images = images
         self.unique = reader.schema.group_id_unique
         self.tally = _Tally()
         # one line per checked row only when debugging (tests use it to prove "once per content")
@@ -384,6 +399,8 @@ class _Run:
                     moves.append((int(row[ROWID]), key))
                 continue
             findings = check_row(row, self.ctx)
+            if self.images is not None and len(self.images) < MAX_COLLECTED_IMAGES:
+                self._collect_images(row[IMAGES])
             if self.trace:
                 log.debug("validation.row_checked", project=self.project, group_id=key,
                           digest=digest, rowid=row[ROWID])
@@ -418,6 +435,15 @@ class _Run:
                 self.store.move_rows(self.project, moves)
             # the checkpoint advances in the same transaction as the results it covers
             self.store.put_checkpoint(checkpoint)
+
+    def _collect_images(self, raw: object) -> None:
+        assert self.images is not None
+        try:
+            names = json.loads(raw) if isinstance(raw, str) else None
+        except json.JSONDecodeError:
+            return  # reported by the checks
+        if isinstance(names, list):
+            self.images.update(n for n in names if isinstance(n, str))
 
     def _refresh_cross_project(self, group_ids: list[str]) -> None:
         if not group_ids:

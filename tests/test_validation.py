@@ -116,6 +116,23 @@ class TestIncremental:
         assert result.mode == "full" and result.rows_checked == 1
         assert codes_for(store, rows[5]["group_id"]) == {"image_dimension_invalid"}
 
+    def test_image_names_of_checked_rows_are_collected_once(
+        self, make_db: Any, store: StateStore, settings: Settings
+    ) -> None:
+        """The daemon learns which images just arrived from the run that checked their rows,
+        without reading the DB a second time; unchanged rows add nothing."""
+        validator = Validator(store, settings, clock=lambda: NOW, collect_images=True)
+        db = make_db()
+        db.insert_many(5)
+        validator.validate_all()
+        validator.take_checked_images("mojo3")
+        new = db.insert_many(2)
+        validator.validate_all()
+        expected = {n for row in new for n in json.loads(row["images"])}
+        assert validator.take_checked_images("mojo3") == expected
+        validator.validate_all()
+        assert validator.take_checked_images("mojo3") == set()
+
     def test_full_flag_rechecks_every_row(self, make_db: Any, validator: Validator) -> None:
         """``--full`` re-checks all rows even when nothing changed."""
         make_db().insert_many(40)
