@@ -19,8 +19,6 @@ class TestParse:
         ("validate", b"", ("validate", {})),
         ("validate.json", b'{"project": "mojo3", "full": true}',
          ("validate", {"project": "mojo3", "full": True})),
-        ("retrain.20251125.json", b'{"model": "crop", "force": true}',
-         ("retrain", {"model": "crop", "force": True})),
         ("backfill.json", b'{"csv": ["/srv/data/legacy/a.csv"], "project": "new"}',
          ("backfill", {"csv": ["/srv/data/legacy/a.csv"], "project": "new"})),
         ("pause", b"  \n", ("pause", {})),
@@ -31,6 +29,7 @@ class TestParse:
 
     @pytest.mark.parametrize(("name", "body", "reason"), [
         ("explode", b"", "unknown action 'explode'"),
+        ("retrain.20251125.json", b'{"model": "crop"}', "named exactly '<action>'"),
         ("validate", b"{not json", "not valid JSON"),
         ("validate", b"[1, 2]", "must be a JSON object"),
         ("validate", b'{"project": "nope"}', "unknown project 'nope'"),
