@@ -1,5 +1,9 @@
 """Shared fixtures: decision DBs written the way the reviewer writes them (WAL on, the writer's
-connection still open while trainingd reads, rows UPDATEd later), and isolated settings."""
+connection still open while trainingd reads, rows UPDATEd later), and isolated settings.
+
+Every file a test reads comes from the checkout (``fixture_path``: ``tests/fixtures/``, see its
+README) or from a temp dir; a test that opens anything beside the checkout fails (outside_guard).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,36 @@ from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
 from daemon.settings import Settings, load_settings
 from daemon.store import StateStore
 from daemon.validation import Validator
+from tests import outside_guard
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NOW = datetime(2025, 11, 1, 12, 0, 0, tzinfo=UTC)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GUARD = outside_guard.install()
+
+
+def fixture_path(*parts: str) -> Path:
+    """A file or folder under ``tests/fixtures/``; a missing one is an error that says where to
+    look, never a silent fallback to a copy somewhere else."""
+    path = FIXTURES.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"test fixture {path} is missing: tests/fixtures/README.md says "
+                                "how each fixture is made (tests/fixtures/derive.py)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _nothing_read_beside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the test (at teardown) if it, or a fixture set up for it, opened a path beside the
+    checkout, such as ../shared: that passes here and fails on every fresh clone."""
+    GUARD.allow(tmp_path_factory.getbasetemp())
+    yield
+    seen = GUARD.take()
+    if seen:
+        listed = "\n".join(f"  {event}: {path}" for event, path in seen[:10])
+        pytest.fail(f"read {len(seen)} path(s) beside the checkout {outside_guard.CHECKOUT}; "
+                    f"copy what the test needs into tests/fixtures/ (see its README):\n{listed}",
+                    pytrace=False)
 
 
 class ReviewerDB:

@@ -1,5 +1,6 @@
-"""Backfill of the legacy CSV logs: the real files in shared/legacy, and one hand-made CSV per
-known fault, each asserting the exact reason code and that no other line was lost."""
+"""Backfill of the legacy CSV logs: the real files (tests/fixtures/legacy: the two selection logs
+whole, a subset of the crop log), and one hand-made CSV per known fault, each asserting the exact
+reason code and that no other line was lost."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ from daemon.images import parse_stage
 from daemon.settings import Settings
 from daemon.store import StateStore
 from daemon.validation import ProjectSource, Validator
+from tests.conftest import fixture_path
 
-LEGACY = Path(__file__).resolve().parents[2] / "shared" / "legacy"
-if not LEGACY.is_dir():  # a checkout beside shared/, or shared/ inside the checkout
-    LEGACY = Path(__file__).resolve().parents[1] / "shared" / "legacy"
-CROP_LOG = LEGACY / "select_crop_log.csv"
+LEGACY = fixture_path("legacy")
+#: 376 of the crop log's 7,194 lines (lines 2-4 and every repeated image among them); the
+#: counts asserted below are the subset's (tests/fixtures/README.md says how it is cut).
+CROP_LOG = LEGACY / "select_crop_log_subset.csv"
+CROP_LINES = 376
 ANOMALY = LEGACY / "anomaly_cases.csv"
 HISTORICAL = LEGACY / "historical_selection_log.csv"
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -152,10 +155,10 @@ def real_crop_lines() -> list[tuple[int, list[str]]]:
 
 class TestRealCropLog:
     def test_every_line_is_converted_or_rejected(self, crop_run: dict[str, Any]) -> None:
-        """All 7,194 lines are accounted for, and the per-code counts add up to the rejections."""
+        """All 376 lines are accounted for, and the per-code counts add up to the rejections."""
         t = crop_run["totals"]
-        assert t["lines"] == 7194 == len(real_crop_lines())
-        assert t["converted"] + t["rejected"] == 7194
+        assert t["lines"] == CROP_LINES == len(real_crop_lines())
+        assert t["converted"] + t["rejected"] == CROP_LINES
         assert len(crop_run["rejected_lines"]) == t["rejected"]
         errors = {c: n for c, n in crop_run["counts_by_code"].items()
                   if CODES[c].severity == "error"}
@@ -199,7 +202,8 @@ class TestRealCropLog:
 
     def test_full_frame_rows_become_approve(self, crop_run: dict[str, Any],
                                             crop_rows: dict[str, dict[str, Any]]) -> None:
-        """553 lines are full-frame; those not repeated are approves with [0, 0, 1, 1]."""
+        """58 lines are full-frame (553 in the whole log); those not repeated are approves with
+        [0, 0, 1, 1]."""
         full, full_kept, seen = 0, 0, set()
         for _, row in real_crop_lines():
             x1, y1, x2, y2 = map(float, row[6:10])
@@ -212,7 +216,7 @@ class TestRealCropLog:
             full += is_full
             full_kept += is_full and name not in seen
             seen.add(name)
-        assert full == 553
+        assert full == 58
         approves = [r for r in crop_rows.values() if r["user_action"] == "approve"]
         assert len(approves) == full_kept == crop_run["counts_by_user_action"]["approve"]
         assert {r["final_crop_coords"] for r in approves} == {"[0.0, 0.0, 1.0, 1.0]"}

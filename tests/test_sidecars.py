@@ -24,11 +24,9 @@ from daemon.sidecars import (
     image_candidates,
     parse_sidecar,
 )
+from tests.conftest import fixture_path
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "examples" / "sidecars" / "project_root"
-if not EXAMPLES.is_dir():  # a checkout beside shared/, or shared/ inside the checkout
-    EXAMPLES = Path(__file__).resolve().parents[1] / "shared" / "examples" / "sidecars" / (
-        "project_root")
+EXAMPLES = fixture_path("sidecars", "project_root")
 ROOT = Path("/data/images/demo")
 GID = "demo_group_20251023T231412406576_batch001_img001"
 
@@ -94,7 +92,8 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
 
 
 class TestExamples:
-    """Every shape in ../shared/examples/sidecars parses into the right kind and role."""
+    """Every live shape (tests/fixtures/sidecars, copied from the shared examples) parses into the
+    right kind and role."""
 
     def test_the_example_set_is_the_one_this_test_knows(self) -> None:
         """A new example shape must be added to this table (so it is asserted, not skipped)."""
