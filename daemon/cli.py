@@ -242,7 +242,41 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def status_document(settings: Settings) -> dict[str, Any]:
-    """Per-project figures from the state DB (read-only) plus projects not yet validated."""
+    """Per-project figures from the state DB (read-only) plus projects not yet validated.
+
+    Creates, changes and leaves no file, so any user who can read the data folder may run it;
+    what it cannot read is named in ``problems`` instead of ending the command."""
+    projects: list[dict[str, Any]] = []
+    known: set[str] = set()
+    embedding: dict[str, dict[str, int]] = {}
+    embedder: str | None = None
+    audit: dict[str, Any] | None = None
+    problems: list[str] = []
+    try:
+        projects, known, embedding, embedder, audit = _state_figures(settings)
+    except StoreError as exc:
+        problems.append(f"state DB unreadable: {exc}")
+    try:
+        sources = discover_projects(settings)
+    except OSError as exc:
+        sources = []
+        problems.append(f"decisions folder unreadable: {exc}")
+    for src in sources:
+        if src.project not in known:
+            projects.append({"project": src.project, "db_file": str(src.db_path),
+                             "schema": None, "rows": None, "validated": 0, "errors": None,
+                             "warnings": None, "pending_crops": None, "last_check": None})
+    from daemon.service import read_heartbeat
+
+    return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
+            "decisions_dir": str(settings.decisions_dir), "projects": projects,
+            "embedder_id": embedder, "embedding_coverage": embedding, "audit_tokens": audit,
+            "problems": problems}
+
+
+def _state_figures(settings: Settings) -> tuple[list[dict[str, Any]], set[str],
+                                                 dict[str, dict[str, int]], str | None,
+                                                 dict[str, Any] | None]:
     from daemon.embedding.cli import coverage
     from daemon.training.audit import audit_budget
 
@@ -270,23 +304,16 @@ def status_document(settings: Settings) -> dict[str, Any]:
             raise StoreError(f"state DB {settings.state_db}: {exc}") from exc
         finally:
             store.close()
-    for src in discover_projects(settings):
-        if src.project not in known:
-            projects.append({"project": src.project, "db_file": str(src.db_path),
-                             "schema": None, "rows": None, "validated": 0, "errors": None,
-                             "warnings": None, "pending_crops": None, "last_check": None})
-    from daemon.service import read_heartbeat
-
-    return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
-            "decisions_dir": str(settings.decisions_dir), "projects": projects,
-            "embedder_id": embedder, "embedding_coverage": embedding, "audit_tokens": audit}
+    return projects, known, embedding, embedder, audit
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 0 when everything could be read, 1 when something could not (named on stderr)."""
     if args.json:
-        json.dump(status_document(settings), sys.stdout, indent=2)
+        doc = status_document(settings)
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return 1 if doc["problems"] else 0
     return print_status(settings)
 
 
@@ -295,6 +322,8 @@ def print_status(settings: Settings) -> int:
     beat = doc["daemon"]
     if beat is None:
         print("daemon: not running (no heartbeat file)")
+    elif beat["pid"] is None:
+        print(f"daemon: {beat['verdict']}")
     else:
         print(f"daemon: {beat['verdict']} (pid {beat['pid']}, heartbeat {beat['age_seconds']} s "
               f"ago, queue {beat['queue_depth']}, working: {beat['current_task'] or 'idle'}, "
@@ -330,7 +359,9 @@ def print_status(settings: Settings) -> int:
             "WARNING: at the soft limit" if audit["warning"] else "ok")
         print(f"audit tokens today: {audit['tokens_used']} / {audit['soft_limit']} "
               f"({audit['calls']} calls): {state}")
-    return 0
+    for problem in doc["problems"]:
+        print(f"trainingd: {problem}", file=sys.stderr)
+    return 1 if doc["problems"] else 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,17 +1,48 @@
-"""Atomic file output: a reader never sees half a report, model or vector file.
+"""Atomic file output that honours the umask: a reader never sees half a report, model or
+vector file, and every file we write is as readable as the operator's umask says.
 
-Write to a temp file in the same folder, fsync it, ``os.replace`` it over the target, fsync the
+Write to a temp file in the same folder, fsync it, give it the mode a plain ``open()`` would
+have given it (``mkstemp`` makes 0600 whatever the umask, and the reviewer, running as another
+user, could not load the models we make for it), ``os.replace`` it over the target, fsync the
 folder (so the rename itself survives a power cut).
+
+The umask is read from ``/proc/self/status`` (Linux 4.7+): ``os.umask`` can only be read by
+setting it, which races with every other thread creating a file at that moment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+_UMASK_RE = re.compile(rb"^Umask:\s*([0-7]+)\s*$", re.MULTILINE)
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc``), else by a locked set-and-restore."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            found = _UMASK_RE.search(fh.read())
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:  # fallback: a short window in which a file made elsewhere gets mode 0777
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file now: 0644 under umask 022, 0640 under 027."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -23,6 +54,8 @@ def atomic_writer(path: Path, mode: str = "wb", *, sync_dir: bool = True) -> Ite
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            # the mode a plain open() would give, set before the name exists: never a 0600 output
+            os.fchmod(fh.fileno(), file_mode())
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

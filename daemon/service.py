@@ -93,7 +93,8 @@ class Service:
         s = self.settings
         for folder in (s.decisions_dir, s.triggers_dir, s.summaries_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.store = StateStore(s.state_db)  # applies migrations
+        # quick_check; a damaged state DB is moved aside and rebuilt; applies migrations
+        self.store = StateStore.open_checked(s.state_db, rebuild=self._rebuild_state)
         self.queue = WorkQueue(s.watcher.settle_seconds, s.watcher.max_wait_seconds)
         self.pipeline = Pipeline(s, self.store, self.queue.put, clock=self.clock,
                                  embedder=self.embedder)
@@ -116,6 +117,26 @@ class Service:
         self.notifier.ready(self._status_line())
         code = self._loop()
         return self._shutdown(code)
+
+    def _rebuild_state(self, store: StateStore) -> dict[str, int]:
+        from daemon.store.rebuild import rebuild_derived
+
+        return rebuild_derived(store, self.settings)
+
+    def _heal_state_db(self) -> bool:
+        """The state DB was deleted, replaced or found damaged: heal it, then validate all.
+        False when it cannot be reopened (disk, permissions): systemd restarts us."""
+        problem = self.store.check_file()
+        if problem is None:
+            return True
+        try:
+            self.store.heal(problem, rebuild=self._rebuild_state)
+        except StoreError as exc:
+            log.error("service.state_db_unusable", problem=problem, error=str(exc),
+                      action="exiting so systemd restarts us")
+            return False
+        self.queue.put(Task("reconcile", urgent=True))
+        return True
 
     def _allowed_roots(self) -> list[Path]:
         return [self.settings.data_root, *image_roots_of(self.settings)]
@@ -145,6 +166,8 @@ class Service:
             if not self.worker.is_alive():
                 log.error("service.worker_died", error=repr(self.fatal),
                           action="exiting so systemd restarts us")
+                return EXIT_HEALTH
+            if not self._heal_state_db():
                 return EXIT_HEALTH
             self.notifier.watchdog()
             now = time.monotonic()
@@ -284,19 +307,33 @@ class Service:
 
 
 def read_heartbeat(settings: Settings) -> dict[str, Any] | None:
-    """The service's last heartbeat plus a verdict on whether it is alive."""
+    """The service's last heartbeat plus a verdict on whether it is alive; ``None`` when there
+    is no heartbeat file.  Read-only, for any user who can read the data folder: a file that
+    cannot be read says so in the verdict instead of passing for "not running"."""
     path = heartbeat_path(settings)
     try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except OSError as exc:  # e.g. a 0600 heartbeat written by an older trainingd
+        return _unknown_heartbeat(f"heartbeat {path} unreadable: {exc.strerror or exc}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        return _unknown_heartbeat(f"heartbeat {path} is not a JSON object")
     try:
         age = (datetime.now(UTC) - datetime.fromisoformat(doc["updated_at"])).total_seconds()
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, ValueError):
         age = float("inf")
     doc["age_seconds"] = round(age, 1)
-    alive = _pid_alive(int(doc.get("pid", 0)))
-    stale = age > 3 * float(doc.get("heartbeat_seconds", 5)) + 5
+    try:
+        pid, every = int(doc.get("pid", 0)), float(doc.get("heartbeat_seconds", 5))
+    except (TypeError, ValueError):
+        pid, every = 0, 5.0
+    alive = _pid_alive(pid)
+    stale = age > 3 * every + 5
     if doc.get("state") == "stopped":
         doc["verdict"] = "stopped"
     elif not alive:
@@ -308,7 +345,15 @@ def read_heartbeat(settings: Settings) -> dict[str, Any] | None:
     return doc
 
 
+def _unknown_heartbeat(why: str) -> dict[str, Any]:
+    return {"verdict": f"unknown ({why})", "pid": None, "age_seconds": None,
+            "queue_depth": None, "current_task": None, "last_event": None, "tasks_done": None,
+            "tasks_failed": None}
+
+
 def _pid_alive(pid: int) -> bool:
+    """Signal 0 probes without signalling; EPERM (the daemon runs as another user) means the
+    process exists."""
     if pid <= 0:
         return False
     try:

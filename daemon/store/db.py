@@ -1,23 +1,38 @@
 """Access to the state DB.  One writer (the worker); every change in a ``BEGIN IMMEDIATE``
 transaction; readers (``trainingd status``) open it read-only.
 
-This room knows tables, not rules: the validation engine decides what to write.
+The state DB heals: everything in it is derived (from the source DBs, the vector cache's index,
+the model registry's files), so a damaged one is never worth a stopped daemon.  The service opens
+it with :meth:`StateStore.open_checked` (``PRAGMA quick_check``; a file that is not SQLite or
+fails the check is moved aside as ``state.db.corrupt-<UTC time>`` with its ``-wal``/``-shm`` and
+a new one is built), asks :meth:`StateStore.check_file` every health tick (the file at the path
+is still the one we opened: a deleted or replaced state DB would otherwise take every write to
+an unlinked inode), and calls :meth:`StateStore.heal` when it answers.  Corruption met during
+work (SQLITE_CORRUPT, SQLITE_NOTADB) raises :class:`StoreCorruptError` and leaves a
+``state.db.needs-rebuild`` marker, so the next start rebuilds even if ``quick_check`` passes.
+
+This room knows tables, not rules: the validation engine decides what to write, and
+:mod:`daemon.store.rebuild` decides what can be re-derived after a rebuild.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from daemon.errors import StoreError
+from daemon.fsutil import atomic_write_text
 from daemon.records import Issue
 from daemon.store.migrations import MIGRATIONS
 from daemon.timeparse import iso_utc
@@ -26,6 +41,54 @@ log = structlog.get_logger("store")
 
 SCHEMA_KEY = "#schema"
 _IN_CHUNK = 500
+#: SQLite primary result codes that mean "this file is damaged", not "try again later"
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_COMPANIONS = ("-wal", "-shm", "-journal")
+MARKER_SUFFIX = ".needs-rebuild"
+#: what a rebuild re-derives into a fresh store; returns counts for the log line
+Rebuild = Callable[["StateStore"], dict[str, int]]
+
+
+class StoreCorruptError(StoreError):
+    """The state DB file is damaged or not SQLite at all: move it aside and rebuild it."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """A damaged or foreign file, as opposed to busy, locked, read-only or missing."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _CORRUPT_CODES
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+class _GuardedConnection(sqlite3.Connection):
+    """A connection whose statements turn corruption into :class:`StoreCorruptError` (and tell
+    the store), so no caller mistakes a damaged file for a bad row or a busy source."""
+
+    on_corrupt: Callable[[str], None] | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._raise_if_corrupt(exc)
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as exc:
+            self._raise_if_corrupt(exc)
+            raise
+
+    def _raise_if_corrupt(self, exc: sqlite3.DatabaseError) -> None:
+        if is_corruption(exc):
+            if self.on_corrupt is not None:
+                self.on_corrupt(str(exc))
+            raise StoreCorruptError(f"state DB is damaged: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,25 +122,154 @@ class RowState:
 
 
 class StateStore:
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False, check: bool = False
+                 ) -> None:
+        """``check`` (writable only): run ``PRAGMA quick_check`` and raise
+        :class:`StoreCorruptError` on a damaged file (the service opens through
+        :meth:`open_checked`, which heals; one-shot commands do not pay for a full scan)."""
         self.path = str(path)
+        #: held by every transaction and by :meth:`heal`, which swaps the connection
+        self._lock = threading.RLock()
+        self._identity: tuple[int, int] | None = None
+        #: why the store must be healed, once a statement met corruption
+        self.problem: str | None = None
         try:
             if read_only:
                 uri = Path(path).resolve().as_uri() + "?mode=ro"
                 self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
             else:
-                if self.path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self.conn = sqlite3.connect(
-                    self.path, isolation_level=None, timeout=30, check_same_thread=False
-                )
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                # NORMAL in WAL mode: a crash of the process never loses a commit; a power cut
-                # may lose the last ones, which the next run re-derives from the sources.
-                self.conn.execute("PRAGMA synchronous = NORMAL")
-                self.migrate()
+                self._open_writable(check=check)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"state DB {self.path}: {exc}") from exc
+            kind = StoreCorruptError if is_corruption(exc) else StoreError
+            raise kind(f"state DB {self.path}: {exc}") from exc
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        # waits while :meth:`heal` swaps the connection, so no caller gets a closed one
+        with self._lock:
+            return self._conn
+
+    @conn.setter
+    def conn(self, value: sqlite3.Connection) -> None:
+        self._conn = value
+
+    def _open_writable(self, *, check: bool) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                               check_same_thread=False, factory=_GuardedConnection)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a crash of the process never loses a commit; a power cut
+            # may lose the last ones, which the next run re-derives from the sources.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if check:
+                verdict = [str(r[0]) for r in conn.execute("PRAGMA quick_check")]
+                if verdict != ["ok"]:
+                    raise StoreCorruptError(f"state DB {self.path} failed quick_check: "
+                                            + "; ".join(verdict[:5]))
+            self._conn = conn
+            self.migrate()
+        except BaseException:
+            conn.close()
+            raise
+        conn.on_corrupt = self._flag_corrupt
+        self._identity = _file_identity(self.path)
+
+    # -- healing --------------------------------------------------------------------------------
+
+    @classmethod
+    def open_checked(cls, path: Path | str, *, rebuild: Rebuild | None = None) -> StateStore:
+        """The service's open: a damaged state DB (or one marked during work) is moved aside
+        and a new one built and filled by ``rebuild``, with a loud log line; the daemon starts
+        either way.  Errors that are not damage (permissions, disk) still raise StoreError."""
+        marker = Path(str(path) + MARKER_SUFFIX)
+        try:
+            flagged: str | None = marker.read_text(errors="replace").strip() or "no detail"
+        except OSError:
+            flagged = None
+        foreign = _foreign_header(str(path))
+        if flagged is None and foreign is None:
+            try:
+                return cls(path, check=True)
+            except StoreCorruptError as exc:
+                reason = f"corrupt: {exc}"
+        elif foreign is not None:
+            # decided before SQLite opens it: SQLite would delete a -wal beside a foreign file
+            reason = f"corrupt: {foreign}"
+        else:
+            reason = f"corrupt: marked during work: {flagged}"
+        moved = _move_aside(str(path), "corrupt", main=True)
+        store = cls(path, check=True)
+        store._finish_heal(reason, moved, rebuild, adopted=False)
+        return store
+
+    def check_file(self) -> str | None:
+        """``None`` while the file at the path is the one we opened and no statement met
+        corruption; else why the store must be healed ("corrupt: ...", "deleted",
+        "replaced").  Cheap (one ``stat``): the service asks every health tick."""
+        if self.problem is not None:
+            return self.problem
+        if self._identity is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError:
+            return None  # cannot tell now; asked again next tick
+        return None if (st.st_dev, st.st_ino) == self._identity else "replaced"
+
+    def heal(self, reason: str, rebuild: Rebuild | None = None) -> dict[str, Any]:
+        """Close, move aside what must not be used (the damaged file, or the ``-wal``/``-shm``
+        our deleted file left at the path, which SQLite would otherwise replay into a new
+        file), reopen, and rebuild what can be re-derived.  A replacement that passes
+        ``quick_check`` (an operator restored a backup) is adopted as it is.  Waits for the
+        transaction in flight; callers that held the old connection get an error once."""
+        with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            corrupt = reason.startswith("corrupt")
+            moved = _move_aside(self.path, "corrupt" if corrupt else "orphaned", main=corrupt)
+            self.problem = None
+            self._identity = None
+            adopted = reason == "replaced"
+            try:
+                self._open_writable(check=True)
+            except StoreCorruptError:
+                adopted = False
+                moved += _move_aside(self.path, "corrupt", main=True)
+                self._open_writable(check=True)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"state DB {self.path}: {exc}") from exc
+            return self._finish_heal(reason, moved, rebuild, adopted=adopted)
+
+    def _finish_heal(self, reason: str, moved: list[str], rebuild: Rebuild | None, *,
+                     adopted: bool) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        if rebuild is not None:
+            try:
+                counts = rebuild(self)
+            except Exception as exc:  # the store works without: validation re-derives its part
+                log.exception("store.rebuild_failed", db=self.path, error=repr(exc))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path + MARKER_SUFFIX)
+        event = "store.state_db_adopted" if adopted else "store.state_db_rebuilt"
+        log.error(event, db=self.path, reason=reason, moved_aside=moved, rebuilt=counts,
+                  action="validation state is re-derived by a full reconcile")
+        return {"reason": reason, "moved_aside": moved, "adopted": adopted, "rebuilt": counts}
+
+    def _flag_corrupt(self, detail: str) -> None:
+        if self.problem is not None:
+            return
+        self.problem = f"corrupt: {detail}"
+        log.error("store.state_db_corrupt", db=self.path, error=detail,
+                  action="moved aside and rebuilt by the service")
+        if self.path != ":memory:":
+            # survives the crash this may cause: the next start rebuilds even if quick_check
+            # happens to pass
+            with contextlib.suppress(OSError):
+                atomic_write_text(Path(self.path + MARKER_SUFFIX), detail + "\n")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -108,17 +300,21 @@ class StateStore:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
+        with self._lock:  # a heal waits for the transaction in flight
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                # SQLite may have rolled back already (disk full, corruption): keep the cause
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
 
     def close(self) -> None:
-        self.conn.close()
+        self._conn.close()
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -340,6 +536,47 @@ class StateStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _foreign_header(path: str) -> str | None:
+    """Why a non-empty file is not SQLite at all, judged by its 16-byte magic, else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None  # missing (a new DB) or unreadable: SQLite's open says which
+    if not head or head == b"SQLite format 3\x00":
+        return None
+    return f"not an SQLite file (starts with {head[:16]!r})"
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _move_aside(path: str, what: str, *, main: bool) -> list[str]:
+    """Rename ``path`` (if ``main``) and its companions to ``<path>.<what>-<UTC time><suffix>``;
+    never overwrites an earlier one."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    tag, n = f"{what}-{stamp}", 1
+    while any(os.path.lexists(f"{path}.{tag}{s}") for s in ("", *_COMPANIONS)):
+        n += 1
+        tag = f"{what}-{stamp}-{n}"
+    moved = []
+    for suffix in ("", *_COMPANIONS) if main else _COMPANIONS:
+        target = f"{path}.{tag}{suffix}"
+        try:
+            os.replace(path + suffix, target)
+        except FileNotFoundError:
+            continue
+        moved.append(target)
+    return moved
 
 
 def _split_sql(script: str) -> list[str]:
