@@ -38,7 +38,7 @@ from daemon.backfill.convert import (
 from daemon.codes import SEVERITY
 from daemon.decisions.schema import COLUMNS, create_v3_db
 from daemon.errors import DaemonError
-from daemon.fsutil import fsync_dir
+from daemon.fsutil import file_mode, fsync_dir
 from daemon.images import IMAGE_SUFFIXES
 from daemon.sample import INSERT_SQL
 
@@ -192,7 +192,7 @@ class _DbWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a DB is a normal, shared file
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the umask decides, as for open()
         self.target, self.tmp = target, Path(tmp)
         self.rows = 0
         self.conn = create_v3_db(self.tmp, wal=False)
