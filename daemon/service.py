@@ -3,31 +3,48 @@
 Threads: the watchdog observer and APScheduler produce tasks; ONE worker thread does all work
 (one writer to the state DB, one user of the GPU); the main thread handles signals (handlers
 only set flags), checks health, pings the systemd watchdog and writes the heartbeat file that
-``trainingd status`` reads.  If the observer or the worker dies, the process exits 70 so
-systemd restarts it instead of leaving a zombie.  SIGTERM/SIGINT: the current unit of work may
-finish within ``service.shutdown_budget_seconds`` (every write is transactional, so anything
-unfinished is rolled back, never half-written); a second SIGINT exits at once.  SIGHUP reloads
-the configuration (a bad one is logged and the old one kept).
+``trainingd status`` reads.  The main thread never waits on the worker, so it can always act.
+
+Health means *work is moving*, not "threads are alive": the worker bumps a progress stamp
+(:mod:`daemon.health`); a task without progress for ``service.stall_seconds`` is a stall: the
+pings stop, the stall is logged with the worker's stack, the heartbeat says ``stalled`` and the
+process exits 70 so systemd restarts it.  If the observer or the worker dies, the same.
+
+SIGTERM/SIGINT: the current unit of work may finish within ``service.shutdown_budget_seconds``;
+after that the process ends with ``os._exit`` whatever the worker is doing (blocked in a system
+call, waiting on a decode thread): every write is transactional, so SQLite rolls back anything
+unfinished, never half-written.  A second SIGINT exits at once.  SIGHUP reloads the
+configuration; a reload that fails in any way is logged and the old configuration kept.
+
+A task that fails because of its environment (disk full, read-only data folder, a folder that
+vanished) is retried with a capped exponential backoff per task key, kept in the queue; a
+trigger is finished as failed after ``service.trigger_attempts`` such tries, or at once when it
+fails for any other reason.  Validation of other keys goes on meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
+import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from daemon import __version__
 from daemon.errors import ConfigError, StoreError
 from daemon.fsutil import atomic_write_text
+from daemon.health import Progress, describe_stall
 from daemon.jobs import Jobs
 from daemon.pipeline import Pipeline, image_roots_of
 from daemon.sdnotify import Notifier
@@ -36,11 +53,13 @@ from daemon.store.db import StateStore
 from daemon.timeparse import iso_utc
 from daemon.triggers import TriggerBox
 from daemon.watcher import Watcher, WatchPlan
-from daemon.workqueue import Task, WorkQueue
+from daemon.workqueue import Backoff, Task, WorkQueue
 
 log = structlog.get_logger("service")
 
-EXIT_HEALTH = 70  # EX_SOFTWARE: a thread died; systemd restarts us
+EXIT_HEALTH = 70  # EX_SOFTWARE: a thread died or work stalled; systemd restarts us
+#: failures of the environment, not of the input: worth a retry once space or access returns
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.OperationalError)
 ALWAYS_RUN = {"pause", "resume", "triggers"}
 
 
@@ -71,6 +90,13 @@ class Service:
         self.fatal: BaseException | None = None
         self.deferred: dict[Any, Task] = {}
         self.started_at = datetime.now(UTC)
+        self.progress = Progress()
+        svc = settings.service
+        self.backoff = Backoff(svc.retry_base_seconds, svc.retry_max_seconds)
+        self.stalled = False
+        #: how the process ends when the worker cannot be joined (a seam for in-process tests)
+        self.hard_exit: Callable[[int], NoReturn] = os._exit
+        self._old_handlers: dict[int, Any] = {}
 
     # -- signals (handlers only set flags) ------------------------------------------------------
 
@@ -97,12 +123,12 @@ class Service:
         self.store = StateStore.open_checked(s.state_db, rebuild=self._rebuild_state)
         self.queue = WorkQueue(s.watcher.settle_seconds, s.watcher.max_wait_seconds)
         self.pipeline = Pipeline(s, self.store, self.queue.put, clock=self.clock,
-                                 embedder=self.embedder)
+                                 embedder=self.embedder, progress=self.progress)
         self.box = TriggerBox(s.triggers_dir, roots=self._allowed_roots,
                               projects=self.pipeline.projects)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        for signum, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
+                                (signal.SIGHUP, self._on_hup)):
+            self._old_handlers[signum] = signal.signal(signum, handler)
         # the initial reconcile is the worker's first task: the main thread stays responsive
         self.queue.put(Task("reconcile", urgent=True))
         self.watcher = self._start_watcher(s)
@@ -169,7 +195,11 @@ class Service:
                 return EXIT_HEALTH
             if not self._heal_state_db():
                 return EXIT_HEALTH
-            self.notifier.watchdog()
+            if self.current is not None and self.progress.stalled(
+                    self.settings.service.stall_seconds):
+                self._on_stall()
+                return EXIT_HEALTH
+            self.notifier.watchdog()  # only while work moves
             now = time.monotonic()
             if now >= next_beat:
                 self._write_heartbeat("paused" if self.pipeline.paused else "running")
@@ -180,43 +210,98 @@ class Service:
                 break
         return 0
 
+    def _on_stall(self) -> None:
+        """No progress for ``stall_seconds``: say what the worker was doing, where it is stuck,
+        and let systemd restart us (the pings have already stopped)."""
+        self.stalled = True
+        facts = describe_stall(self.current, self.progress, self.worker, self.current_since)
+        log.error("service.worker_stalled", stall_seconds=self.settings.service.stall_seconds,
+                  action="no more watchdog pings; exiting 70 so systemd restarts us", **facts)
+        self._write_heartbeat("stalled")
+        self.notifier.status(f"stalled: {facts['task']} without progress for "
+                             f"{facts['seconds_since_progress']} s")
+
     def _reload(self) -> None:
+        """Load, start the new watcher, register the jobs, and only then let go of the old
+        ones: any failure on the way (not only a ConfigError) keeps the old configuration."""
         self.notifier.reloading()
         try:
             new = load_settings(self.config_path)
-        except ConfigError as exc:
-            log.error("service.reload_failed", error=str(exc), action="keeping the old config")
+            watcher = self._start_watcher(new)
+        except Exception as exc:  # RecursionError from a deep TOML, OSError, ... never fatal
+            log.error("service.reload_failed", error=_reason(exc, 2000),
+                      kind="config" if isinstance(exc, ConfigError) else "unexpected",
+                      action="keeping the old config")
+            self.notifier.ready(self._status_line())
+            return
+        try:
+            self.jobs.register(new)
+        except Exception as exc:
+            watcher.stop(timeout=2.0)
+            log.error("service.reload_failed", error=_reason(exc, 2000), kind="unexpected",
+                      action="keeping the old config")
+            self._register_jobs_again()
             self.notifier.ready(self._status_line())
             return
         self.watcher.stop()
+        self.watcher = watcher
         self.settings = new
         self.pending_settings = new  # the worker applies it between tasks
-        self.watcher = self._start_watcher(new)
-        self.jobs.register(new)
         self.queue.put(Task("reconcile", urgent=True))
         log.info("service.reloaded", config=str(self.config_path))
         self.notifier.ready(self._status_line())
 
+    def _register_jobs_again(self) -> None:
+        try:
+            self.jobs.register(self.settings)
+        except Exception:  # the old settings registered once; log, and let the tick go on
+            log.exception("service.jobs_restore_failed")
+
     def _shutdown(self, code: int) -> int:
+        """Stop within the budget whatever the worker does: join it for at most the budget
+        (not at all after a stall), then end the process hard if it is still inside a task."""
+        started = time.monotonic()
         budget = self.settings.service.shutdown_budget_seconds
         log.info("service.stopping", budget_seconds=budget, queue_depth=self.queue.depth(),
-                 current_task=self.current.kind if self.current else None)
+                 current_task=self.current.kind if self.current else None, stalled=self.stalled)
         self.notifier.stopping()
         self.stopping.set()
-        self.jobs.stop()
-        self.watcher.stop(timeout=2.0)
-        self.worker.join(budget)
+        for stop in (self.jobs.stop, lambda: self.watcher.stop(timeout=2.0)):
+            try:
+                stop()
+            except Exception:  # a producer that fails to stop must not keep us running
+                log.exception("service.stop_step_failed")
+        self.worker.join(0.0 if self.stalled else
+                         max(0.0, budget - (time.monotonic() - started)))
+        final = "stalled" if self.stalled else "stopped"
         if self.worker.is_alive():
-            # SQLite rolls back the open transaction when the process exits: nothing half-done
-            log.error("service.shutdown_budget_exceeded", task=self.current.kind
-                      if self.current else None, budget_seconds=budget)
             code = code or 1
-        else:
-            self.store.close()
-        self._write_heartbeat("stopped")
+            # SQLite rolls back the open transaction when the process exits: nothing half-done
+            if not self.stalled:
+                log.error("service.shutdown_budget_exceeded", budget_seconds=budget,
+                          action="exiting without the worker", **describe_stall(
+                              self.current, self.progress, self.worker, self.current_since))
+            self._write_heartbeat(final)
+            log.info("service.stopped", exit_code=code, tasks_done=self.tasks_done,
+                     tasks_failed=self.tasks_failed, worker_abandoned=True)
+            self._restore_signals()
+            # a normal exit would wait for the worker and its decode threads, for ever if one is
+            # blocked: flush what we said, then leave without them
+            _flush_logs()
+            self.hard_exit(code)
+        self.store.close()
+        self._write_heartbeat(final)
         log.info("service.stopped", exit_code=code, tasks_done=self.tasks_done,
                  tasks_failed=self.tasks_failed)
+        self._restore_signals()
         return code
+
+    def _restore_signals(self) -> None:
+        """Leave the process as we found it (an in-process run in a test or a demo)."""
+        for signum, old in self._old_handlers.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        self._old_handlers.clear()
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -226,6 +311,7 @@ class Service:
                 if self.pending_settings is not None:
                     self.pipeline.reconfigure(self.pending_settings)
                     self.pending_settings = None
+                self.progress.beat("idle")  # waiting for work is not a stall
                 task = self.queue.get(timeout=0.5)
                 if task is None or self.stopping.is_set():
                     if task is not None and task.trigger:
@@ -252,29 +338,79 @@ class Service:
             log.exception("worker.crashed")
 
     def _run_task(self, task: Task) -> None:
+        self.progress.beat(f"started {task.kind}")
         self.current, self.current_since = task, time.monotonic()
         ok, result = True, {}
+        failure: BaseException | None = None
         try:
-            result = self.pipeline.handle(task, self.stopping.is_set)
+            result = self.pipeline.handle(task, self.progress.should_stop(self.stopping.is_set))
         except StoreError:
             raise
         except Exception as exc:
-            ok = False
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-            log.exception("worker.task_failed", kind=task.kind, project=task.project)
+            ok, failure = False, exc
+            result = {"error": _reason(exc)}
+            log.exception("worker.task_failed", kind=task.kind, project=task.project,
+                          reason=_reason(exc))
+            self._end_open_transaction()
         finally:
             elapsed = time.monotonic() - (self.current_since or time.monotonic())
             self.current, self.current_since = None, None
         if ok:
             self.tasks_done += 1
+            attempts = self.backoff.succeeded(task.key)
+            if attempts:
+                result = {**result, "attempts": attempts + 1}
+                log.info("worker.task_recovered", kind=task.kind, project=task.project,
+                         failures=attempts)
         else:
             self.tasks_failed += 1
+            if failure is not None and self._retry_later(task, failure):
+                return
+            attempts = self.backoff.succeeded(task.key)  # given up: forget the key
+            if attempts:
+                result["attempts"] = attempts
         if task.trigger:
-            self.box.finish(Path(task.trigger), ok=ok, result={
-                "action": task.kind, "args": dict(task.args), "result": result,
-                "duration_seconds": round(elapsed, 3)})
+            self._finish_trigger(task, ok, result, elapsed)
         log.info("worker.task_done", kind=task.kind, project=task.project, ok=ok,
                  duration_ms=round(elapsed * 1000, 1), queue_depth=self.queue.depth())
+
+    def _retry_later(self, task: Task, exc: BaseException) -> bool:
+        """A failure of the environment: back into the queue after a backoff (a trigger only
+        while it has tries left).  Returns whether the task was queued again."""
+        if not isinstance(exc, TRANSIENT_ERRORS) or self.stopping.is_set():
+            return False
+        attempts, delay = self.backoff.failed(task.key)
+        if task.trigger and attempts >= self.settings.service.trigger_attempts:
+            log.error("worker.task_gave_up", kind=task.kind, project=task.project,
+                      trigger=task.trigger, attempts=attempts, reason=_reason(exc))
+            return False
+        self.queue.put(task, delay=delay)
+        log.warning("worker.task_retry_scheduled", kind=task.kind, project=task.project,
+                    trigger=task.trigger, attempt=attempts, delay_seconds=round(delay, 1),
+                    reason=_reason(exc))
+        return True
+
+    def _finish_trigger(self, task: Task, ok: bool, result: dict[str, Any],
+                        elapsed: float) -> None:
+        """Write the trigger's result; a failure to write it (disk full) is logged, never
+        fatal: the trigger stays in ``processing/`` and is claimed again at the next start."""
+        try:
+            self.box.finish(Path(task.trigger or ""), ok=ok, result={
+                "action": task.kind, "args": dict(task.args), "result": result,
+                "duration_seconds": round(elapsed, 3)})
+        except Exception as exc:
+            log.error("worker.trigger_result_failed", trigger=task.trigger, ok=ok,
+                      reason=_reason(exc), action="left in processing/; retried at next start")
+
+    def _end_open_transaction(self) -> None:
+        """A COMMIT that failed (disk full) may leave the transaction open, and every later
+        ``BEGIN`` would fail with it even after space returns: roll it back now."""
+        try:
+            conn = self.store.conn
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except Exception as exc:
+            log.warning("worker.rollback_failed", reason=_reason(exc))
 
     # -- observability --------------------------------------------------------------------------
 
@@ -297,6 +433,9 @@ class Service:
             "observer_alive": self.watcher.is_alive(), "worker_alive": self.worker.is_alive(),
             "tasks_done": self.tasks_done, "tasks_failed": self.tasks_failed,
             "deferred_tasks": len(self.deferred), "paused": self.pipeline.paused,
+            "retrying_tasks": self.backoff.retrying(),
+            "seconds_since_progress": (round(self.progress.quiet_seconds(), 1)
+                                       if self.current else None),
             "embedding_disabled": self.pipeline.embedding_disabled,
             "config_file": str(self.config_path) if self.config_path else None,
         }
@@ -304,6 +443,17 @@ class Service:
             atomic_write_text(heartbeat_path(self.settings), json.dumps(doc, indent=2) + "\n")
         except OSError as exc:
             log.warning("service.heartbeat_failed", error=str(exc))
+
+
+def _reason(exc: BaseException, limit: int = 500) -> str:
+    """One line a person can act on: the exception type and message (disk full, read-only...)."""
+    return f"{type(exc).__name__}: {exc}"[:limit]
+
+
+def _flush_logs() -> None:
+    for flushable in (*logging.getLogger().handlers, sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            flushable.flush()
 
 
 def read_heartbeat(settings: Settings) -> dict[str, Any] | None:

@@ -80,6 +80,14 @@ class ServiceSettings(_Section):
     daily_summary_time: str = Field("06:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     timezone: str = "UTC"  # IANA name for daily_summary_time
     retrain_check_minutes: float = Field(15.0, gt=0)
+    #: a task with no progress for this long is a stall: watchdog pings stop, exit 70.  Below
+    #: the unit's WatchdogSec (60); above the longest step between two progress reports
+    stall_seconds: float = Field(45.0, gt=0)
+    #: a task failed by its environment (disk full, read-only, folder gone) is retried after
+    #: base, 2 base, 4 base ... seconds, never more than max
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(300.0, gt=0)
+    trigger_attempts: int = Field(5, ge=1)  # a trigger is failed after this many tries
 
     @field_validator("timezone")
     @classmethod

@@ -9,6 +9,11 @@ whichever comes first, so a steady stream of writes can delay work by at most
 ``settle_seconds`` after its first event, whatever follows.
 Ready tasks leave in the order their first event arrived (per-project order is preserved).
 
+A task that failed for a reason of the environment (disk full, read-only data folder, a folder
+gone) comes back through :meth:`WorkQueue.put` with a ``delay`` from :class:`Backoff`: it stays
+pending (so ``trainingd status`` shows it and new events for its key merge into it, not around
+it) and is not ready before its delay is over.
+
 This room knows nothing of what tasks mean; it never raises into a producer.
 """
 
@@ -58,6 +63,35 @@ class _Entry:
     first: float
     last: float
     order: int = field(default=0)
+    not_before: float = 0.0  # a retry waits out its backoff, whatever events merge into it
+
+
+class Backoff:
+    """Exponential, capped retry delays per task key: ``base``, ``2 base``, ``4 base`` ... up to
+    ``cap`` seconds.  Success forgets the key; a key's count is how many times in a row it has
+    failed."""
+
+    def __init__(self, base_seconds: float, cap_seconds: float) -> None:
+        self.base = base_seconds
+        self.cap = cap_seconds
+        self._failures: dict[tuple[str, str | None, str | None], int] = {}
+
+    def failed(self, key: tuple[str, str | None, str | None]) -> tuple[int, float]:
+        """Record one more failure; return (failures in a row, delay before the next try)."""
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        return n, min(self.cap, self.base * 2 ** min(n - 1, 32))
+
+    def succeeded(self, key: tuple[str, str | None, str | None]) -> int:
+        """Forget the key; return how many failures it had."""
+        return self._failures.pop(key, 0)
+
+    def failures(self, key: tuple[str, str | None, str | None]) -> int:
+        return self._failures.get(key, 0)
+
+    def retrying(self) -> int:
+        """How many keys are failing now."""
+        return len(self._failures)
 
 
 class WorkQueue:
@@ -72,25 +106,31 @@ class WorkQueue:
         self.last_event: str | None = None
         self.last_event_at: float | None = None
 
-    def put(self, task: Task) -> None:
+    def put(self, task: Task, *, delay: float = 0.0) -> None:
+        """Queue ``task`` (merged into a pending one of its key); with ``delay`` it is not
+        ready for that many seconds (a retry)."""
         now = self.clock()
         with self._cond:
             entry = self._pending.get(task.key)
             if entry is None:
-                self._pending[task.key] = _Entry(task, now, now, next(self._order))
+                entry = self._pending[task.key] = _Entry(task, now, now, next(self._order))
             else:
                 entry.task = entry.task.merged(task)
                 entry.last = now
+            if delay > 0:
+                entry.not_before = max(entry.not_before, now + delay)
             self.last_event = f"{task.kind}:{task.project or '-'}"
             self.last_event_at = time.time()
             self._cond.notify_all()
 
     def _ready_at(self, entry: _Entry) -> float:
         if entry.task.urgent:
-            return entry.first
-        if entry.task.throttle:
-            return entry.first + self.settle
-        return min(entry.last + self.settle, entry.first + self.max_wait)
+            ready = entry.first
+        elif entry.task.throttle:
+            ready = entry.first + self.settle
+        else:
+            ready = min(entry.last + self.settle, entry.first + self.max_wait)
+        return max(ready, entry.not_before)
 
     def get(self, timeout: float) -> Task | None:
         """The next ready task, or None after ``timeout`` seconds."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 import time
 import warnings
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from daemon.images import NotRegularFileError, read_regular
 from daemon.records import ImageCandidate
 
 if TYPE_CHECKING:
@@ -134,9 +134,13 @@ def prepare(job: Job, opts: DecodeOptions, has_vector: Callable[[str], bool],
     start = time.perf_counter()
     path = job.candidate.path
     try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            data = fh.read()
+        # never a plain open(): a FIFO named x.png would block this thread, and the worker
+        # waiting on it, forever
+        data, st = read_regular(path)
+    except NotRegularFileError as exc:
+        return _failure(job, "image_not_regular",
+                        f"{exc.what}, not a regular file: trainingd reads only regular files in "
+                        "image roots; replace it with the image file or remove it")
     except FileNotFoundError:
         return _failure(job, "image_vanished", "the file disappeared before it could be read")
     except OSError as exc:

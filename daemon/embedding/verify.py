@@ -7,7 +7,6 @@ rejected images vanish soon after review by design, and their vectors must stay.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 
 from daemon.embedding.cache import VECTORS_DIR, VectorCache, read_index, temp_files
 from daemon.embedding.ledger import META_EMBEDDER, Ledger
+from daemon.images import sha256_regular
 from daemon.settings import Settings
 from daemon.store import StateStore
 
@@ -78,12 +78,6 @@ def _check_vector(path: Path, dim: int) -> str | None:
     return None
 
 
-def _sha_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_cache(settings: Settings, store: StateStore) -> VerifyReport:
@@ -151,7 +145,7 @@ def verify_cache(settings: Settings, store: StateStore) -> VerifyReport:
             continue
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             try:
-                sha = _sha_of(Path(path_text))
+                sha = sha256_regular(Path(path_text))  # a FIFO there must not hang
             except OSError as exc:
                 found.append(Mismatch("file_unreadable", path_text, str(exc)))
                 continue
