@@ -1,6 +1,18 @@
 """The thin command line: parse arguments, load settings, call one room, print, exit.
 
-Exit codes: 0 ok; 1 errors found (validate); 2 usage; 75 a source stayed busy; 78 bad config.
+Exit codes of ``validate`` (``inspect`` alike, except that data errors do not fail it: its
+result is the report), the same table as in Documents/OPERATIONS.md::
+
+    0   clean: no error-severity issue (warnings may exist)
+    1   errors found in the data (a verdict, not a failure: the timer unit counts it a success)
+    2   usage (argparse)
+    70  internal failure: an unexpected exception, a project whose validation failed
+        (``project_check_failed``) or our own state DB failing; logged as a structured error
+        with its traceback, never a bare traceback
+    75  a source DB stayed locked by its writer for the whole retry budget (nothing else failed)
+    78  configuration: bad config.toml / environment, unknown ``--project``, missing ``--db``
+
+A crash is a bug, never a verdict: no exception leaves ``main`` as Python's exit status 1.
 Logs go to stdout for the service and to stderr for one-shot commands, whose stdout carries
 their result (so ``trainingd validate --json | jq`` works).  Nothing here imports torch.
 """
@@ -32,6 +44,10 @@ from daemon.store.db import StateStore
 from daemon.validation import ProjectSource, Validator, discover_projects
 
 log = structlog.get_logger("cli")
+#: sysexits.h EX_SOFTWARE: an internal failure, never to be mistaken for "errors found" (1)
+EXIT_INTERNAL = 70
+#: commands whose exit status 1 is a verdict on the data, so a failure must not read as 1
+_VERDICT_COMMANDS = frozenset({"validate", "inspect"})
 ERROR_LINES_SHOWN = 200
 DEMO_MARKER = ".trainingd-demo"
 
@@ -117,10 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         log.error("cli.state_db_failed", error=str(exc))
         print(f"trainingd: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL if args.command in _VERDICT_COMMANDS else 1
     except DaemonError as exc:
         print(f"trainingd: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL if args.command in _VERDICT_COMMANDS else 1
+    except Exception as exc:  # a bug: one structured record with the traceback, then 70
+        log.error("cli.internal_failure", command=args.command, error_type=type(exc).__name__,
+                  error=str(exc)[:500], exc_info=exc)
+        print(f"trainingd: internal failure ({type(exc).__name__}: {str(exc)[:200]}); "
+              "see the cli.internal_failure log record", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -154,6 +176,9 @@ def _run_validation(settings: Settings, store: StateStore, sources: list[Project
 
 
 def _exit_code(results: list[ProjectResult]) -> int:
+    """The table in the module docstring: a failure outranks a verdict on the data."""
+    if any(r.schema_kind == "failed" for r in results):
+        return EXIT_INTERNAL
     if any(r.errors for r in results):
         return 1
     if any(r.schema_kind == "busy" for r in results):
@@ -238,7 +263,8 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
              **report["totals"])
     print(json_path)
     print(md_path)
-    return 0
+    # the report is the result, so errors in the data do not fail inspect; a failure does
+    return EXIT_INTERNAL if any(r.schema_kind == "failed" for r in results) else 0
 
 
 def status_document(settings: Settings) -> dict[str, Any]:

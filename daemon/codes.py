@@ -25,6 +25,15 @@ _CODES: tuple[Code, ...] = (
     Code("db_unreadable", "error", "schema",
          "The file cannot be opened as SQLite (corrupt, truncated, not a database, no permission).",
          "Restore the file from its backup or fix its permissions; other projects go on."),
+    Code("db_missing", "warning", "schema",
+         "A project configured in config.toml has no decision DB file (yet).",
+         "Nothing to do before the reviewer's first save in that project: the DB appears then. "
+         "If it should exist, check `paths.decisions_dir` and the project's `db` setting."),
+    Code("project_check_failed", "error", "schema",
+         "Validating the project's DB failed with an unexpected error (a bug in trainingd, not "
+         "in the data); the other projects were validated.",
+         "Report the `validation.project_failed` log event with its traceback; the project is "
+         "retried on every pass and the issue leaves once a pass succeeds."),
     Code("db_not_decision_db", "error", "schema",
          "The SQLite file has no `ai_decisions` table (a foreign DB in the decisions folder).",
          "Move the file out of the decisions folder, or name it `*_temp.db` if it is scratch."),
@@ -154,6 +163,20 @@ _CODES: tuple[Code, ...] = (
     Code("crop_incomplete", "warning", "row",
          "A `crop` row has no `final_crop_coords` yet (cropping pending).",
          "Nothing to do if the crop tool is still working; kept out of the training set."),
+    # -- values no check can read, and the per-row guard --
+    Code("value_too_deep", "error", "row",
+         "A JSON value (`images` or a crop column) nests arrays or objects thousands deep; "
+         "`value_repr` shows its head and length.",
+         "Rewrite the value from the reviewer's data; no upstream tool writes such a value."),
+    Code("number_too_large", "error", "row",
+         "A JSON value holds an integer of more than 4,300 digits, which Python refuses to "
+         "convert; `value_repr` shows its head and length.",
+         "Rewrite the value with real coordinates or file names."),
+    Code("row_check_failed", "error", "row",
+         "A row check raised an unexpected error (a bug in trainingd); `value_repr` holds the "
+         "exception type and message. The row is recorded, the checkpoint moves past it.",
+         "Report the `validation.row_check_failed` log event with its traceback; the row is kept "
+         "out of training until a fixed trainingd checks it again."),
     # -- backfill (legacy CSV lines) --
     Code("backfill_format_unknown", "error", "backfill",
          "A CSV's header matches none of the legacy formats; the whole file is skipped.",
@@ -211,11 +234,13 @@ _CODES: tuple[Code, ...] = (
          "Nothing to do; such rows teach the pick but not the crop."),
     # -- sidecars (.decision files) --
     Code("sidecar_unreadable", "error", "sidecar",
-         "A `.decision` file cannot be read: no permission, vanished, not a regular file, or "
-         "larger than 1 MiB. For every sidecar issue `db_file` holds the sidecar's path.",
+         "A `.decision` file cannot be read: no permission, vanished, not a regular file (a "
+         "folder, a FIFO, a symbolic link), or larger than 1 MiB. For every sidecar issue "
+         "`db_file` holds the sidecar's path.",
          "Fix its permissions or remove the stray file; trainingd never changes sidecars."),
     Code("sidecar_json_malformed", "error", "sidecar",
-         "The sidecar is not valid UTF-8 JSON (often a write interrupted half-way).",
+         "The sidecar is not valid UTF-8 JSON (often a write interrupted half-way), or its "
+         "JSON nests thousands deep or holds a number of more than 4,300 digits.",
          "Rewrite it from the row (`group_id`, `project_id`, `needs_crop`) or delete it."),
     Code("sidecar_not_object", "error", "sidecar",
          "The sidecar is valid JSON but not an object (a list, string, number or null).",
@@ -234,6 +259,10 @@ _CODES: tuple[Code, ...] = (
          "A sidecar field has the wrong type (e.g. `group_id` a number, `needs_crop` a string, "
          "`ai_crop_coords` not 4 numbers).",
          "Correct the field; `field` names it (`user_decision.selected_index` for nested ones)."),
+    Code("sidecar_check_failed", "error", "sidecar",
+         "Checking the sidecar raised an unexpected error (a bug in trainingd); `value_repr` "
+         "holds the exception type and message.",
+         "Report the `sidecars.check_failed` log event with its traceback; other sidecars go on."),
     Code("sidecar_orphan", "warning", "sidecar",
          "A kind A sidecar names a `group_id` that no decision row has.",
          "Check the project's DB (row deleted? wrong DB?); delete the sidecar if it is left over."),
@@ -274,10 +303,6 @@ _CODES: tuple[Code, ...] = (
     Code("image_vanished", "warning", "embedding",
          "The image disappeared between listing and reading (moved or deleted meanwhile).",
          "Usually harmless: the moved file is embedded at its new path; a deleted one is lost."),
-    Code("image_not_regular", "error", "embedding",
-         "A path with an image name in an image root is not a regular file (a FIFO, socket, "
-         "device, folder or symbolic link); trainingd opens only regular files there.",
-         "Replace it with the image file or remove it; it is looked at again when it changes."),
 )
 
 CODES: dict[str, Code] = {c.code: c for c in _CODES}

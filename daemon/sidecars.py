@@ -18,16 +18,23 @@ name), ``rowid`` is ``None`` and ``group_id`` is set whenever the file names one
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
+import structlog
+
 from daemon.codes import SEVERITY
+from daemon.decisions.checks import safe_repr
 from daemon.records import Issue, Sidecar
+
+log = structlog.get_logger("sidecars")
 
 #: Sidecars are a few hundred bytes; anything bigger is not one and is not read whole.
 MAX_SIDECAR_BYTES = 1024 * 1024
@@ -126,11 +133,17 @@ def _issue(code: str, *, project: str, path: Path, group_id: str | None, field: 
 
 
 def _read_capped(path: Path) -> bytes:
-    # O_NONBLOCK: a FIFO named *.decision must not hang the worker; fstat then refuses it
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK: a FIFO named *.decision must not hang the worker; fstat then refuses it.
+    # O_NOFOLLOW: a symlink is not followed to a file outside the image root (or to a FIFO).
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_NOFOLLOW", 0))
     try:
         fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Fault("sidecar_unreadable", None, repr(str(path)),
+                         "the .decision path is a symbolic link; sidecars are read only as "
+                         "regular files: replace the link by the file") from exc
         raise _Fault("sidecar_unreadable", None, repr(str(path)),
                      f"cannot open the sidecar ({exc.strerror or exc}); check that it exists "
                      "and that trainingd's user may read it") from exc
@@ -166,12 +179,21 @@ def _decode(raw: bytes) -> object:
     try:
         return json.loads(raw)
     except RecursionError as exc:
-        raise _Fault("sidecar_json_malformed", None, repr(raw[:80]),
+        raise _Fault("sidecar_json_malformed", None, _head(raw),
                      "the JSON is nested too deeply to be a sidecar; rewrite the file") from exc
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        if "digits" in str(exc) and not isinstance(exc, json.JSONDecodeError):
+            raise _Fault("sidecar_json_malformed", None, _head(raw),
+                         "the JSON holds a number with more than "
+                         f"{sys.get_int_max_str_digits()} digits; no tool writes that: "
+                         "rewrite the file from the row or delete it") from exc
         raise _Fault("sidecar_json_malformed", None, repr(raw[:80]),
                      f"not valid JSON ({exc}); the upstream tool may have been interrupted "
                      "mid-write: rewrite the file from the row or delete it") from exc
+
+
+def _head(raw: bytes) -> str:
+    return repr(raw[:80]) + (f"... ({len(raw)} bytes)" if len(raw) > 80 else "")
 
 
 def _is_number(value: object) -> bool:
@@ -187,11 +209,11 @@ def _text_id(data: Mapping[str, Any], key: str, missing_code: str,
              group_id: str | None) -> str:
     value = data.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise _Fault(missing_code, key, repr(value),
+        raise _Fault(missing_code, key, safe_repr(value, 200),
                      f"the sidecar has no {key}; the crop cannot be linked to its row: "
                      f"add the {key} from the reviewer's DB row", group_id)
     if not isinstance(value, str):
-        raise _Fault("sidecar_field_invalid", key, repr(value),
+        raise _Fault("sidecar_field_invalid", key, safe_repr(value, 200),
                      f"{key} must be a string, not {type(value).__name__}", group_id)
     return value
 
@@ -199,7 +221,7 @@ def _text_id(data: Mapping[str, Any], key: str, missing_code: str,
 def _check_type(data: Mapping[str, Any], key: str, ok: bool, expected: str,
                 group_id: str | None, prefix: str = "") -> None:
     if not ok:
-        raise _Fault("sidecar_field_invalid", prefix + key, repr(data.get(key)),
+        raise _Fault("sidecar_field_invalid", prefix + key, safe_repr(data.get(key), 200),
                      f"{prefix}{key} must be {expected}; correct the sidecar", group_id)
 
 
@@ -283,7 +305,7 @@ def _interpret(data: dict[str, Any], path: Path, image_root: Path) -> Sidecar:
     elif keys & _KIND_A_KEYS:
         kind = "A"
     else:
-        raise _Fault("sidecar_shape_unknown", None, repr(sorted(keys)[:10]),
+        raise _Fault("sidecar_shape_unknown", None, safe_repr(sorted(keys)[:10], 200),
                      "the object is neither a kind A (group_id, project_id, needs_crop) nor a "
                      "kind B (group_id, images, ai_recommendation) sidecar; check which tool "
                      "wrote it", known_gid)
@@ -312,13 +334,20 @@ def parse_sidecar(path: Path, *, project: str, image_root: Path) -> Sidecar | Is
     try:
         data = _decode(_read_capped(path))
         if not isinstance(data, dict):
-            raise _Fault("sidecar_not_object", None, repr(data)[:200],
+            raise _Fault("sidecar_not_object", None, safe_repr(data, 200),
                          f"the JSON is a {type(data).__name__}, not an object; a sidecar is "
                          "one JSON object")
         return _interpret(data, path, image_root)
     except _Fault as fault:
         return _issue(fault.code, project=project, path=path, group_id=fault.group_id,
                       field=fault.field, value_repr=fault.value_repr, message=fault.message)
+    except Exception as exc:  # one sidecar never stops the others: a bug becomes a record
+        log.error("sidecars.check_failed", project=project, path=str(path),
+                  error_type=type(exc).__name__, error=safe_repr(str(exc), 200), exc_info=exc)
+        return _issue("sidecar_check_failed", project=project, path=path, group_id=None,
+                      field=None, value_repr=safe_repr(f"{type(exc).__name__}: {exc}", 200),
+                      message="trainingd could not check this sidecar (a bug in trainingd); "
+                      "report the sidecars.check_failed log event")
 
 
 # -- linking ------------------------------------------------------------------------------------

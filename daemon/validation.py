@@ -10,6 +10,12 @@ the last one is older than ``validation.full_reconcile_minutes``, and on request
 
 Results and checkpoint are written in one transaction per chunk: a crash replays the chunk and
 the effect is the same (checks are pure, writes are upserts).  Source DBs are only read.
+
+One bad thing never stops the rest: each row is checked inside its own guard (an exception
+becomes an issue on that row and the checkpoint moves past it), and each project inside its
+own (an unexpected failure becomes a ``project_check_failed`` issue, logged with its
+traceback, and the next project is validated).  Only a failure of our own state DB
+(:class:`~daemon.errors.StoreError`) propagates: no project can be validated without it.
 """
 
 from __future__ import annotations
@@ -30,16 +36,19 @@ import structlog
 from daemon.codes import SEVERITY
 from daemon.decisions.checks import (
     GROUP_ID,
+    HEAD_CHARS,
     IMAGES,
     ROWID,
     USER_ACTION,
     CheckContext,
     check_row,
+    finding_for_exception,
     is_pending_crop,
+    safe_repr,
 )
 from daemon.decisions.reader import Row, SourceReader
 from daemon.decisions.schema import REQUIRED_COLUMNS, is_live_db_name, project_name_from_db
-from daemon.errors import SchemaError, SourceBusyError
+from daemon.errors import SchemaError, SourceBusyError, StoreError
 from daemon.records import Finding, Issue, ProjectResult, SchemaReport
 from daemon.settings import Settings
 from daemon.store.db import SCHEMA_KEY, Checkpoint, RowState, StateStore
@@ -50,6 +59,8 @@ log = structlog.get_logger("validation")
 #: Bump when a rule changes: every row of every project is then checked again.
 RULES_VERSION = 1
 DUP_ACROSS = "group_id_duplicate_across_projects"
+#: row_key of a project-level failure: apart from the schema issues, cleared by the next pass
+PROJECT_KEY = "#project"
 #: a first sight of a big DB is backlog anyway: no need to remember all of its names
 MAX_COLLECTED_IMAGES = 50_000
 
@@ -167,23 +178,14 @@ class Validator:
     ) -> ProjectResult:
         started = time.perf_counter()
         project, db_file = source.project, str(source.db_path)
-        s = self.settings.sources
         try:
-            reader = SourceReader(source.db_path, busy_timeout_ms=s.busy_timeout_ms,
-                                  busy_budget_seconds=s.busy_retry_seconds)
-        except SourceBusyError as exc:
-            log.warning("validation.source_busy", project=project, db=db_file, error=str(exc))
-            return ProjectResult(project, db_file, "skipped", "busy", reason=str(exc))
-        except SchemaError as exc:
-            return self._unreadable(project, db_file, str(exc.__cause__ or exc))
-        try:
-            with reader:
-                result = self._validate_open(reader, project, db_file, full=full, hints=hints)
-        except SourceBusyError as exc:
-            log.warning("validation.source_busy", project=project, db=db_file, error=str(exc))
-            return ProjectResult(project, db_file, "skipped", "busy", reason=str(exc))
-        except SchemaError as exc:
-            return self._unreadable(project, db_file, str(exc.__cause__ or exc))
+            result = self._validate_source(source, full=full, hints=hints)
+        except StoreError:
+            raise  # our own state DB: no project can be validated without it
+        except Exception as exc:  # a bug met on this project's data: the next project goes on
+            return self._failed(project, db_file, exc)
+        if result.mode == "skipped":
+            return result
         log.info(
             "validation.project_checked", project=project, db=db_file, mode=result.mode,
             schema=result.schema_kind, rows_total=result.rows_total, rows_read=result.rows_read,
@@ -195,15 +197,88 @@ class Validator:
 
     # -- engine ---------------------------------------------------------------------------------
 
-    def _unreadable(self, project: str, db_file: str, detail: str) -> ProjectResult:
+    def _validate_source(
+        self, source: ProjectSource, *, full: bool, hints: Iterable[str]
+    ) -> ProjectResult:
+        project, db_file = source.project, str(source.db_path)
+        if not os.path.lexists(source.db_path):
+            return self._missing(project, db_file)
+        s = self.settings.sources
+        try:
+            reader = SourceReader(source.db_path, busy_timeout_ms=s.busy_timeout_ms,
+                                  busy_budget_seconds=s.busy_retry_seconds)
+        except SourceBusyError as exc:
+            log.warning("validation.source_busy", project=project, db=db_file, error=str(exc))
+            return ProjectResult(project, db_file, "skipped", "busy", reason=str(exc))
+        except SchemaError as exc:
+            return self._unreadable(project, db_file, str(exc.__cause__ or exc))
+        try:
+            with reader:
+                return self._validate_open(reader, project, db_file, full=full, hints=hints)
+        except SourceBusyError as exc:
+            log.warning("validation.source_busy", project=project, db=db_file, error=str(exc))
+            return ProjectResult(project, db_file, "skipped", "busy", reason=str(exc))
+        except SchemaError as exc:
+            return self._unreadable(project, db_file, str(exc.__cause__ or exc))
+
+    def _skipped(self, project: str, db_file: str, kind: str, reason: str) -> ProjectResult:
+        counts = self.store.issue_counts(project)
+        return ProjectResult(project, db_file, "skipped", kind, reason=reason,
+                             errors=counts.get("error", 0), warnings=counts.get("warning", 0))
+
+    def _failed(self, project: str, db_file: str, exc: Exception) -> ProjectResult:
+        """An unexpected exception while validating one project: record, log, go on."""
+        detail = f"{type(exc).__name__}: {exc}"
+        log.error("validation.project_failed", project=project, db=db_file,
+                  error_type=type(exc).__name__, error=safe_repr(str(exc), HEAD_CHARS),
+                  exc_info=exc)
+        issue = Issue("project_check_failed", SEVERITY["project_check_failed"], project, db_file,
+                      None, None, None, safe_repr(detail, HEAD_CHARS),
+                      "validating this project failed with an unexpected error (a bug in "
+                      "trainingd); the other projects were validated: report the "
+                      "validation.project_failed log event with its traceback")
+        with self.store.transaction():
+            self.store.replace_issues(project, [PROJECT_KEY], [(PROJECT_KEY, issue)],
+                                      self.clock())
+        return self._skipped(project, db_file, "failed", detail)
+
+    def _missing(self, project: str, db_file: str) -> ProjectResult:
+        """A configured project without a DB file: expected until the reviewer's first save.
+
+        Reported once (one warning record, one log line at its first sight), not as an
+        unreadable DB on every pass.  A DB that was validated before and is gone now is
+        another matter: that one is ``db_unreadable``.
+        """
+        cp = self.store.checkpoint(project)
+        if cp is not None and cp.last_checked_at is not None:
+            return self._unreadable(
+                project, db_file, "the DB file is gone",
+                message=f"the DB file was validated at {cp.last_checked_at} and is gone now; "
+                "restore it from a backup, or remove the project from the configuration")
+        known = self.store.issue_codes(project).get("db_missing", 0) > 0
+        issue = Issue("db_missing", SEVERITY["db_missing"], project, db_file, None, None, None,
+                      repr(db_file),
+                      "no DB file yet: it appears when the reviewer first saves in this project; "
+                      "if it should exist, check paths.decisions_dir and the project's db "
+                      "setting")
+        if not known:
+            with self.store.transaction():
+                self.store.replace_issues(project, [SCHEMA_KEY], [(SCHEMA_KEY, issue)],
+                                          self.clock())
+            log.warning("validation.db_missing", project=project, db=db_file)
+        else:
+            log.debug("validation.db_still_missing", project=project, db=db_file)
+        return self._skipped(project, db_file, "missing", "no DB file yet")
+
+    def _unreadable(self, project: str, db_file: str, detail: str, *,
+                    message: str = "the file cannot be read as SQLite; restore it from a backup"
+                    ) -> ProjectResult:
         issue = Issue("db_unreadable", "error", project, db_file, None, None, None, repr(detail),
-                      "the file cannot be read as SQLite; restore it from a backup")
+                      message)
         with self.store.transaction():
             self.store.replace_issues(project, [SCHEMA_KEY], [(SCHEMA_KEY, issue)], self.clock())
         log.error("validation.db_unreadable", project=project, db=db_file, error=detail)
-        counts = self.store.issue_counts(project)
-        return ProjectResult(project, db_file, "skipped", "unreadable", reason=detail,
-                             errors=counts.get("error", 0), warnings=counts.get("warning", 0))
+        return self._skipped(project, db_file, "unreadable", detail)
 
     def _validate_open(
         self, reader: SourceReader, project: str, db_file: str, *, full: bool,
@@ -212,8 +287,9 @@ class Validator:
         now = self.clock()
         schema = reader.schema
         with self.store.transaction():
+            # PROJECT_KEY: a failure of an earlier pass is over once a pass gets this far again
             self.store.replace_issues(
-                project, [SCHEMA_KEY],
+                project, [SCHEMA_KEY, PROJECT_KEY],
                 [(SCHEMA_KEY, i) for i in schema_issues(schema, project, db_file)], now,
             )
         if not schema.readable or not schema.has_rowid:
@@ -398,9 +474,7 @@ class _Run:
                 if prev.src_rowid != row[ROWID]:
                     moves.append((int(row[ROWID]), key))
                 continue
-            findings = check_row(row, self.ctx)
-            if self.images is not None and len(self.images) < MAX_COLLECTED_IMAGES:
-                self._collect_images(row[IMAGES])
+            findings = self._check(key, row)
             if self.trace:
                 log.debug("validation.row_checked", project=self.project, group_id=key,
                           digest=digest, rowid=row[ROWID])
@@ -412,7 +486,7 @@ class _Run:
             errors = warnings = 0
             gid = row[GROUP_ID] if isinstance(row[GROUP_ID], str) else None
             for f in findings:
-                sev = SEVERITY[f.code]
+                sev = SEVERITY.get(f.code, "error")
                 if sev == "error":
                     errors += 1
                 else:
@@ -436,11 +510,27 @@ class _Run:
             # the checkpoint advances in the same transaction as the results it covers
             self.store.put_checkpoint(checkpoint)
 
+    def _check(self, key: str, row: Row) -> list[Finding]:
+        """The row's findings; whatever a value makes a check raise becomes one more finding
+        on this row, so the chunk (and its checkpoint) goes on past it."""
+        try:
+            findings = check_row(row, self.ctx)
+        except Exception as exc:
+            finding = finding_for_exception(exc)
+            log.error("validation.row_check_failed", project=self.project, group_id=key,
+                      rowid=row[ROWID], code=finding.code, error_type=type(exc).__name__,
+                      error=safe_repr(str(exc), HEAD_CHARS),
+                      exc_info=exc if finding.code == "row_check_failed" else None)
+            findings = [finding]
+        if self.images is not None and len(self.images) < MAX_COLLECTED_IMAGES:
+            self._collect_images(row[IMAGES])
+        return findings
+
     def _collect_images(self, raw: object) -> None:
         assert self.images is not None
         try:
             names = json.loads(raw) if isinstance(raw, str) else None
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return  # reported by the checks
         if isinstance(names, list):
             self.images.update(n for n in names if isinstance(n, str))

@@ -376,7 +376,8 @@ class TestLinks:
         emitted = {
             "sidecar_unreadable", "sidecar_json_malformed", "sidecar_not_object",
             "sidecar_shape_unknown", "sidecar_group_id_missing", "sidecar_project_id_missing",
-            "sidecar_field_invalid", "sidecar_orphan", "sidecar_image_missing",
+            "sidecar_field_invalid", "sidecar_check_failed", "sidecar_orphan",
+            "sidecar_image_missing",
             "sidecar_project_mismatch", "sidecar_misplaced", "sidecar_group_unjoined",
         }
         assert {c for c, v in CODES.items() if v.room == "sidecar"} == emitted

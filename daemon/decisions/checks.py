@@ -4,6 +4,11 @@ Input: one source row ``(rowid, *COLUMNS)`` exactly as SQLite returned it.  Outp
 :class:`Finding` (empty for a clean row).  No I/O, no clock reads (``now`` comes in through
 :class:`CheckContext`), no mutation of the row.  This is the hot loop of a full validation, so
 the common, clean path does as little work as possible.
+
+No value may make a check raise: JSON that nests thousands deep (``RecursionError``) or holds an
+integer of more than 4,300 digits (``ValueError``) becomes a ``value_too_deep`` or
+``number_too_large`` finding on its column, and :func:`finding_for_exception` turns anything
+unforeseen into a ``row_check_failed`` finding, so the engine can guard each row and go on.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,8 +51,64 @@ class CheckContext:
     future_slack: timedelta = timedelta(hours=24)
 
 
+#: value_repr of an oversized value keeps its head only: a 100,000-character value is not
+#: copied into every issue record and every line of ``trainingd validate``
+HEAD_CHARS = 200
+
+
+def safe_repr(value: object, limit: int | None = None) -> str:
+    """``repr(value)``, never raising: a deeply nested list makes ``repr`` itself recurse."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError) as exc:
+        text = f"<{type(value).__name__} that cannot be shown: {type(exc).__name__}>"
+    if limit is not None and len(text) > limit:
+        return f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
+
 def _f(code: str, fld: str | None, value: object, message: str) -> Finding:
-    return Finding(code, fld, repr(value), message)
+    return Finding(code, fld, safe_repr(value), message)
+
+
+def _is_digit_limit(exc: ValueError) -> bool:
+    """The interpreter's guard against quadratic int parsing (``sys.set_int_max_str_digits``)."""
+    return "digits" in str(exc) and not isinstance(exc, json.JSONDecodeError)
+
+
+def _load_json(fld: str, raw: str, not_json: str) -> tuple[list[Finding], object]:
+    """``json.loads`` that turns every failure into a finding on ``fld``."""
+    try:
+        return [], json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return [_f(not_json, fld, raw, f"{fld} is not valid JSON ({exc.msg})")], None
+    except RecursionError:
+        return [Finding("value_too_deep", fld, safe_repr(raw, HEAD_CHARS),
+                        f"{fld} nests JSON arrays or objects thousands deep ({len(raw)} "
+                        "characters); no tool writes that: rewrite the value from the "
+                        "reviewer's data")], None
+    except ValueError as exc:
+        if not _is_digit_limit(exc):
+            return [_f(not_json, fld, raw, f"{fld} is not valid JSON ({exc})")], None
+        return [Finding("number_too_large", fld, safe_repr(raw, HEAD_CHARS),
+                        f"{fld} holds a number with more than {sys.get_int_max_str_digits()} "
+                        "digits; rewrite the value with real coordinates or names")], None
+
+
+def finding_for_exception(exc: BaseException) -> Finding:
+    """What the engine records when a check raised after all: never a reason to stop."""
+    if isinstance(exc, RecursionError):
+        return Finding("value_too_deep", None, safe_repr(f"{type(exc).__name__}: {exc}"),
+                       "a value of this row nests too deeply to be checked; rewrite it from "
+                       "the reviewer's data")
+    if isinstance(exc, ValueError) and _is_digit_limit(exc):
+        return Finding("number_too_large", None, safe_repr(f"{type(exc).__name__}: {exc}"),
+                       "a value of this row holds a number too long to convert; rewrite it")
+    return Finding("row_check_failed", None,
+                   safe_repr(f"{type(exc).__name__}: {exc}", HEAD_CHARS),
+                   "trainingd could not check this row (a bug in trainingd, not necessarily in "
+                   "the row); the row is kept out of training: report the log event "
+                   "validation.row_check_failed with its traceback")
 
 
 def _is_int(value: object) -> bool:
@@ -63,17 +125,17 @@ def check_box(fld: str, raw: object) -> tuple[list[Finding], Box | None]:
     if not isinstance(raw, str):
         return [_f("crop_coords_not_json", fld, raw, f"{fld} must be JSON text like "
                    "'[0.1, 0.2, 0.8, 0.9]', got a non-text value")], None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return [_f("crop_coords_not_json", fld, raw, f"{fld} is not valid JSON ({exc.msg})")], None
+    failed, value = _load_json(fld, raw, "crop_coords_not_json")
+    if failed:
+        return failed, None
     if not isinstance(value, list) or len(value) != 4:
         return [_f("crop_coords_wrong_shape", fld, raw,
                    f"{fld} must be a JSON list of 4 numbers [x1, y1, x2, y2]")], None
     for v in value:
         if type(v) not in _NUM or not math.isfinite(v):
             return [_f("crop_coords_not_finite", fld, raw,
-                       f"{fld} holds {v!r}, which is not a finite number")], None
+                       f"{fld} holds {safe_repr(v, HEAD_CHARS)}, which is not a finite "
+                       "number")], None
     x1, y1, x2, y2 = value
     if x1 > 1 or y1 > 1 or x2 > 1 or y2 > 1:
         return [_f("crop_coords_pixels", fld, raw,
@@ -99,10 +161,9 @@ def check_images(raw: object) -> tuple[list[Finding], list[str] | None]:
     if not isinstance(raw, str):
         return [_f("images_not_json", "images", raw,
                    "images must be JSON text like '[\"a.png\", \"b.png\"]'")], None
-    try:
-        names = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return [_f("images_not_json", "images", raw, f"images is not valid JSON ({exc.msg})")], None
+    failed, names = _load_json("images", raw, "images_not_json")
+    if failed:
+        return failed, None
     if not isinstance(names, list):
         return [_f("images_not_list", "images", raw, "images must be a JSON array")], None
     if not 1 <= len(names) <= 4:
