@@ -1,8 +1,13 @@
 """Read-only access to upstream decision DBs.
 
-trainingd never writes to a source DB: connections use a ``mode=ro`` URI plus
-``PRAGMA query_only``, every read is a short transaction (a long one would stop the writer's
-WAL checkpoints), and a DB locked by its writer is retried with backoff, not failed.
+trainingd never writes to a source DB, and reading one is invisible: every open goes through
+:class:`daemon.sqlite_ro.ReadOnlyDB`, which creates, changes and leaves no file in the decisions
+folder (no ``-wal``/``-shm`` of ours that would lock a writer running as another user out) and
+works in a folder we may only read.  Connections are ``PRAGMA query_only``; every read is a
+short transaction (a long one would stop the writer's WAL checkpoints) run through
+:meth:`ReadOnlyDB.read`, which fences reads of an immutable snapshot and redoes them when the
+file changed; a DB locked by its writer (or a hot journal we may not roll back) is retried with
+backoff, not failed.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +24,7 @@ import structlog
 from daemon.decisions.schema import COLUMNS, TABLE, detect_schema
 from daemon.errors import SchemaError, SourceBusyError
 from daemon.records import SchemaReport
+from daemon.sqlite_ro import ReadOnlyDB
 
 log = structlog.get_logger("decisions")
 
@@ -26,6 +33,9 @@ Row = tuple[Any, ...]
 """``(rowid, *COLUMNS)``: a source row, values exactly as SQLite returned them."""
 
 _BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
+#: read-only "come back later": a hot journal only its writer may roll back, a WAL index only a
+#: writer may rebuild (SQLITE_READONLY_ROLLBACK, SQLITE_READONLY_RECOVERY)
+_READONLY_WAIT_CODES = {8 | (3 << 8), 8 | (1 << 8)}
 _IN_CHUNK = 500  # stays far below SQLITE_MAX_VARIABLE_NUMBER on every build
 _SQLITE_CANTOPEN = 14
 _CANTOPEN_ATTEMPTS = 6  # about 2 s in all
@@ -35,7 +45,7 @@ def is_busy_error(exc: BaseException) -> bool:
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and (code & 0xFF) in _BUSY_CODES:
+    if code is not None and ((code & 0xFF) in _BUSY_CODES or code in _READONLY_WAIT_CODES):
         return True
     text = str(exc).lower()
     return "locked" in text or "busy" in text
@@ -79,30 +89,37 @@ class SourceReader:
     """
 
     def __init__(
-        self, path: Path, *, busy_timeout_ms: int = 2000, busy_budget_seconds: float = 30.0
+        self, path: Path, *, busy_timeout_ms: int = 2000, busy_budget_seconds: float = 30.0,
+        scratch_dir: Path | None = None,
     ) -> None:
+        """``scratch_dir``: where a private copy goes when the DB can only be read that way
+        (a ``-wal`` without its ``-shm``); the system temp folder by default."""
         self.path = path
         self.busy_budget_seconds = busy_budget_seconds
-        uri = path.resolve().as_uri() + "?mode=ro"
         for attempt in range(_CANTOPEN_ATTEMPTS):
+            db: ReadOnlyDB | None = None
             try:
-                self.conn = sqlite3.connect(
-                    uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                    check_same_thread=False,
-                )
-                self.conn.execute("PRAGMA query_only = ON")
-                self.schema: SchemaReport = self._retry(lambda: detect_schema(self.conn))
+                db = self._retry(lambda: ReadOnlyDB(
+                    path, timeout_seconds=busy_timeout_ms / 1000, scratch_dir=scratch_dir))
+                self.schema: SchemaReport = self._retry(partial(db.read, detect_schema))
+                self._db = db
                 break
             except sqlite3.DatabaseError as exc:
+                if db is not None:
+                    db.close()
                 if is_busy_error(exc):
                     raise SourceBusyError(str(exc), path=path) from exc
-                # a DB being created right now (no -shm yet for a WAL reader) cannot be opened
-                # for a moment: retry briefly before calling the file unreadable
+                # a DB being created right now may not be there for a moment: retry briefly
+                # before calling the file unreadable
                 if (getattr(exc, "sqlite_errorcode", None) == _SQLITE_CANTOPEN
                         and attempt + 1 < _CANTOPEN_ATTEMPTS):
                     time.sleep(0.1 * (attempt + 1))
                     continue
                 raise SchemaError(f"{path}: {exc}", path=path) from exc
+            except BaseException:
+                if db is not None:
+                    db.close()
+                raise
         present = set(self.schema.columns)
         self._select = ", ".join(
             ["rowid", *(c if c in present else f"NULL AS {c}" for c in COLUMNS)]
@@ -116,18 +133,28 @@ class SourceReader:
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """One statement in one short read transaction, retried while the writer holds a lock."""
 
-        def run() -> list[Row]:
-            try:
-                return self.conn.execute(sql, params).fetchall()
-            except sqlite3.DatabaseError as exc:
-                if is_busy_error(exc):
-                    raise
-                raise SchemaError(f"{self.path}: {exc}", path=self.path) from exc
+        def run(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(sql, params).fetchall()
 
-        return self._retry(run)
+        return self._retry(lambda: self._guarded(run))
+
+    def _guarded(self, action: Callable[[sqlite3.Connection], T]) -> T:
+        """``action`` through the invisible reader: busy errors go up to :meth:`_retry`, any
+        other SQLite error means the file cannot be read as a decision DB."""
+        try:
+            return self._db.read(action)
+        except sqlite3.DatabaseError as exc:
+            if is_busy_error(exc):
+                raise
+            raise SchemaError(f"{self.path}: {exc}", path=self.path) from exc
+
+    @property
+    def layout(self) -> str:
+        """How the DB is read now (:data:`daemon.sqlite_ro.LAYOUTS`)."""
+        return self._db.layout
 
     def close(self) -> None:
-        self.conn.close()
+        self._db.close()
 
     def __enter__(self) -> SourceReader:
         return self
@@ -143,21 +170,17 @@ class SourceReader:
         Three statements, not one: ``min``/``max`` alone are O(log n) seeks, but combined with
         ``count(*)`` in one SELECT they force a full table scan (10x slower at 1M rows)."""
 
-        def run() -> tuple[int, int, int]:
-            self.conn.execute("BEGIN")
+        def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            conn.execute("BEGIN")
             try:
-                lo = self.conn.execute(f"SELECT coalesce(min(rowid), 0) FROM {TABLE}").fetchone()
-                hi = self.conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {TABLE}").fetchone()
-                n = self.conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
-            except sqlite3.DatabaseError as exc:
-                if is_busy_error(exc):
-                    raise
-                raise SchemaError(f"{self.path}: {exc}", path=self.path) from exc
+                lo = conn.execute(f"SELECT coalesce(min(rowid), 0) FROM {TABLE}").fetchone()
+                hi = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {TABLE}").fetchone()
+                n = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
             finally:
-                self.conn.execute("COMMIT")
+                conn.execute("COMMIT")
             return int(lo[0]), int(hi[0]), int(n[0])
 
-        return self._retry(run)
+        return self._retry(lambda: self._guarded(run))
 
     def iter_rows(self, after: int, upto: int, chunk: int) -> Iterator[list[Row]]:
         """Rows with ``after < rowid <= upto`` in rowid order, one short transaction per chunk."""

@@ -34,6 +34,7 @@ import structlog
 from daemon.errors import StoreError
 from daemon.fsutil import atomic_write_text
 from daemon.records import Issue
+from daemon.sqlite_ro import connect_read_only
 from daemon.store.migrations import MIGRATIONS
 from daemon.timeparse import iso_utc
 
@@ -135,8 +136,9 @@ class StateStore:
         self.problem: str | None = None
         try:
             if read_only:
-                uri = Path(path).resolve().as_uri() + "?mode=ro"
-                self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5)
+                # invisible: no -wal/-shm of ours beside a state DB whose daemon stopped, and
+                # readable by any user who can read the data folder, even a read-only one
+                self.conn = connect_read_only(path, timeout_seconds=5)
             else:
                 self._open_writable(check=check)
         except sqlite3.DatabaseError as exc:
