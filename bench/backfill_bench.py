@@ -35,7 +35,7 @@ HEADER = ("session_id,set_id,directory,image_count,chosen_index,chosen_path,crop
 
 def convert(csv_path: Path, work: Path) -> tuple[int, float]:
     """Backfill ``csv_path`` with --execute into ``work``; return (lines, seconds)."""
-    opts = BackfillOptions(csv_paths=(csv_path,), decisions_dir=work / "decisions",
+    opts = BackfillOptions(csv_paths=(csv_path,), out_dir=work / "backfill",
                            execute=True, project="mojo1", project_from="fixed")
     started = time.perf_counter()
     with run_backfill(opts) as outcome:

@@ -3,8 +3,14 @@
 Parses arguments, turns them and the settings into :class:`BackfillOptions`, runs the backfill,
 writes the inspection report and prints where everything went.  No conversion logic lives here.
 
-Exit codes: 0 done (rejected lines are reported, not failures); 2 bad arguments or unreadable
-input; 73 a target DB exists already (nothing was written).
+Exit codes: 0 done (rejected lines, and CSVs that cannot be read, are reported, not failures);
+2 bad arguments (a missing CSV, an output outside the data root or inside the decisions folder or
+an image root); 73 a target DB exists already (nothing was written); 74 writing the output failed
+(disk full, read-only folder; nothing half-written is left under a target name).
+
+Outputs go to ``<data_root>/backfill/<project>.db`` by default, never into the live decisions
+folder: that folder belongs to the reviewer (trainingd reads it, read-only).  The operator checks
+the new DB (``trainingd validate --db``) and moves it there as the reviewer's user.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import structlog
 from daemon.backfill import (
     BackfillError,
     BackfillOptions,
+    OutputFailedError,
     TargetExistsError,
     Window,
     parse_window,
@@ -34,6 +41,14 @@ log = structlog.get_logger("backfill")
 EXIT_USAGE = 2
 #: sysexits.h EX_CANTCREAT: a file the command must create exists already.
 EXIT_CANTCREAT = 73
+#: sysexits.h EX_IOERR: an output could not be written.
+EXIT_IOERR = 74
+
+
+def default_out_dir(settings: Settings) -> Path:
+    """Where backfilled DBs go unless ``--out`` says otherwise: inside the data root, outside
+    the decisions folder (the reviewer's) and every image root."""
+    return settings.data_root / "backfill"
 
 
 def _window_arg(text: str) -> Window:
@@ -73,7 +88,9 @@ def add_backfill_parser(subparsers: Any, common: argparse.ArgumentParser
                    help="folder searched (recursively) for images whose logged size is unusable;"
                         " repeatable")
     p.add_argument("--out", type=Path, metavar="DB",
-                   help="the one DB to create (default <decisions_dir>/<project>.db)")
+                   help="the one DB to create, inside the data root but not inside the "
+                        "decisions folder or an image root (default "
+                        "<data_root>/backfill/<project>.db)")
     p.add_argument("--execute", action="store_true",
                    help="write the DBs (without it: read only, report only)")
     return p
@@ -95,7 +112,9 @@ def _options(args: argparse.Namespace, settings: Settings) -> BackfillOptions:
         project_from = "window" if windows else "folder"
     return BackfillOptions(
         csv_paths=tuple(args.csv),
-        decisions_dir=settings.decisions_dir,
+        out_dir=default_out_dir(settings),
+        data_root=settings.data_root,
+        forbidden_dirs=(settings.decisions_dir,),
         execute=args.execute,
         project=args.project,
         project_from=project_from,
@@ -125,6 +144,10 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         log.error("backfill.refused", target=str(exc.path))
         print(f"backfill: {exc}", file=sys.stderr)
         return EXIT_CANTCREAT
+    except OutputFailedError as exc:
+        log.error("backfill.failed", error=str(exc))
+        print(f"backfill: {exc}", file=sys.stderr)
+        return EXIT_IOERR
     except BackfillError as exc:
         log.error("backfill.failed", error=str(exc))
         print(f"backfill: {exc}", file=sys.stderr)

@@ -182,7 +182,8 @@ _CODES: tuple[Code, ...] = (
          "A CSV's header matches none of the legacy formats; the whole file is skipped.",
          "Check the file is a legacy log (data contract section 5); see Documents/BACKFILL.md."),
     Code("backfill_csv_malformed", "error", "backfill",
-         "The CSV module cannot read the line (NUL byte, broken quoting).",
+         "The CSV module cannot read the line (broken quoting, a field over the size limit), or "
+         "the line holds bytes that are not UTF-8 (shown as `\\udcXX` in `value_repr`).",
          "Repair the line in a copy of the CSV and backfill the copy."),
     Code("backfill_row_shifted", "error", "backfill",
          "The line's fields do not line up with its header (too few fields, a ragged image block, "
@@ -208,8 +209,21 @@ _CODES: tuple[Code, ...] = (
          "No project for the line: the path does not name one, or no --window covers its time.",
          "Give --project, or a --window covering the line's timestamp."),
     Code("backfill_image_size_missing", "error", "backfill",
-         "Width/height are zero, missing or fractional and the image is not under any image root.",
+         "Width/height are zero, missing, fractional or over 1,000,000 px and the image is not "
+         "under any image root.",
          "Pass --image-root with the folder holding the image, so its size is read from the file."),
+    Code("backfill_image_unreadable", "error", "backfill",
+         "The logged size is unusable and the image file found cannot give its size: larger than "
+         "Pillow's decompression-bomb limit, truncated, not an image, or not a regular file.",
+         "Check the file named in the message; or write the size into a copy of the CSV."),
+    Code("backfill_csv_unreadable", "error", "backfill",
+         "A CSV path is not a regular readable file (a folder, a FIFO, a device) or reading it "
+         "failed; that file (or its rest) is skipped, the other CSVs are converted.",
+         "Pass the path of the real CSV file; copy it off a failing disk first."),
+    Code("backfill_line_failed", "error", "backfill",
+         "Converting the line raised an unexpected error (a bug in trainingd, not in the line); "
+         "`value_repr` holds the line's fields. The other lines go on.",
+         "Report the `backfill.line_failed` log event with its traceback."),
     Code("backfill_box_unparseable", "error", "backfill",
          "A crop coordinate is empty or not a finite number.",
          "Nothing to recover; redo the crop."),

@@ -28,7 +28,12 @@ from daemon.backfill import (
     write_report,
 )
 from daemon.backfill.convert import bare_name, project_from_path
-from daemon.backfill_cli import EXIT_CANTCREAT, add_backfill_parser, cmd_backfill
+from daemon.backfill_cli import (
+    EXIT_CANTCREAT,
+    add_backfill_parser,
+    cmd_backfill,
+    default_out_dir,
+)
 from daemon.codes import CODES
 from daemon.decisions.schema import COLUMNS
 from daemon.images import parse_stage
@@ -74,7 +79,8 @@ def settings_for(tmp: Path) -> Settings:
 def backfill(tmp: Path, csvs: list[Path], **kw: Any) -> dict[str, Any]:
     """Run a backfill with the API and return its inspection report (parsed JSON)."""
     s = settings_for(tmp)
-    opts = BackfillOptions(csv_paths=tuple(csvs), decisions_dir=s.decisions_dir, **kw)
+    opts = BackfillOptions(csv_paths=tuple(csvs), out_dir=default_out_dir(s),
+                           data_root=s.data_root, forbidden_dirs=(s.decisions_dir,), **kw)
     with run_backfill(opts) as outcome:
         json_path, md_path = write_report(opts, outcome, s.summaries_dir, NOW)
     assert md_path.is_file()
@@ -137,7 +143,7 @@ def crop_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     before = sha256(CROP_LOG)
     report = backfill(tmp, [CROP_LOG], project="mojo1", project_from="fixed", execute=True)
     report["_sha_before"] = before
-    report["_db"] = settings_for(tmp).decisions_dir / "mojo1.db"
+    report["_db"] = default_out_dir(settings_for(tmp)) / "mojo1.db"
     yield report
 
 
@@ -515,7 +521,7 @@ class TestSafety:
     def test_refuses_to_overwrite(self, tmp_path: Path) -> None:
         """An existing target makes --execute refuse; the file and folder are unchanged."""
         csv_path = write_csv(tmp_path, [crop_line()])
-        target = settings_for(tmp_path).decisions_dir / "mojo1.db"
+        target = default_out_dir(settings_for(tmp_path)) / "mojo1.db"
         target.parent.mkdir(parents=True)
         target.write_bytes(b"precious")
         with pytest.raises(TargetExistsError) as exc:
@@ -523,7 +529,7 @@ class TestSafety:
         assert str(target) in str(exc.value)
         assert target.read_bytes() == b"precious"
         assert sorted(p.name for p in target.parent.iterdir()) == ["mojo1.db"]
-        out = tmp_path / "given.db"
+        out = tmp_path / "data" / "given.db"
         out.write_bytes(b"x")
         with pytest.raises(TargetExistsError):
             backfill(tmp_path, [csv_path], execute=True, out=out)
@@ -532,8 +538,8 @@ class TestSafety:
     def test_out_with_two_projects_leaves_nothing(self, tmp_path: Path) -> None:
         """--out with lines of two projects stops, and no partial DB or temp file remains."""
         csv_path = write_csv(tmp_path, [crop_line(), crop_line(name="mojo2/y_stage3_enhanced.png")])
-        out_dir = tmp_path / "out"
-        out_dir.mkdir()
+        out_dir = tmp_path / "data" / "out"
+        out_dir.mkdir(parents=True)
         with pytest.raises(BackfillError):
             backfill(tmp_path, [csv_path], execute=True, out=out_dir / "one.db")
         assert list(out_dir.iterdir()) == []
@@ -542,9 +548,9 @@ class TestSafety:
         """Without --execute no DB appears; the report names what --execute would create."""
         csv_path = write_csv(tmp_path, [crop_line(), crop_line(box="1,1,0,0")])
         report = backfill(tmp_path, [csv_path])
-        decisions = settings_for(tmp_path).decisions_dir
-        assert not decisions.exists()
-        assert report["would_create"] == [str(decisions / "mojo1.db")]
+        folder = default_out_dir(settings_for(tmp_path))
+        assert not folder.exists()
+        assert report["would_create"] == [str(folder / "mojo1.db")]
         assert report["mode"] == "dry-run" and report["created"] == []
         assert report["first_rows"][0]["group_id"] == repr("mojo1_legacy_20250705_230713")
         assert report["first_rows"][0]["image_width"] == "3072"

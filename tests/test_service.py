@@ -146,7 +146,8 @@ class TestWork:
         self, home: Path, daemon: Daemon
     ) -> None:
         """The backfill trigger runs the same conversion with the same safety rules: the CSV
-        must lie inside the data roots; the new DB appears and is validated."""
+        must lie inside the data roots; the new DB appears in <data_root>/backfill (never in
+        the reviewer's decisions folder) and is validated once the operator moves it there."""
         daemon.wait_event("validation.project_checked", project="demo")
         legacy = home / "data" / "legacy"
         legacy.mkdir()
@@ -157,7 +158,10 @@ class TestWork:
         wait_until(done.exists, timeout=60, what="backfill trigger done")
         result = json.loads(done.read_text())["result"]
         assert result["converted"] + result["rejected"] == 376 and result["converted"] >= 281
-        assert result["created"] == [str(decisions(home) / "mojo1.db")]
+        made = home / "data" / "backfill" / "mojo1.db"
+        assert result["created"] == [str(made)]
+        assert not (decisions(home) / "mojo1.db").exists()
+        made.rename(decisions(home) / "mojo1.db")  # the operator's step, as the reviewer's user
         daemon.wait_event("validation.project_checked", project="mojo1",
                           rows_checked=result["converted"], errors=0)
         assert daemon.stop() == 0

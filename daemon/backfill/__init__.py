@@ -13,7 +13,10 @@ from daemon.backfill.run import (
     BackfillError,
     BackfillOptions,
     BackfillOutcome,
+    OutputFailedError,
+    OutputPathError,
     TargetExistsError,
+    check_output_path,
     run_backfill,
 )
 
@@ -22,8 +25,11 @@ __all__ = [
     "BackfillOptions",
     "BackfillOutcome",
     "ConvertContext",
+    "OutputFailedError",
+    "OutputPathError",
     "TargetExistsError",
     "Window",
+    "check_output_path",
     "parse_window",
     "run_backfill",
     "write_report",

@@ -27,8 +27,8 @@ FORMAT_ANOMALY = "anomaly_cases"
 FORMAT_SELECTION = "selection_log"
 
 ProjectFrom = Literal["fixed", "folder", "window"]
-#: ``(project, bare file name) -> (width, height)`` or None when the file is not found.
-SizeLookup = Callable[[str, str], "tuple[int, int] | None"]
+#: a side longer than this (pixels) is not a real image size: the value is unusable
+MAX_DIMENSION = 1_000_000
 
 #: Workflow folders relative to a project's image root (data contract section 2): never a project.
 WORKFLOW_FOLDERS = frozenset({
@@ -54,6 +54,20 @@ class Note:
     field: str | None
     value_repr: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImageProblem:
+    """The image file found for a line exists but cannot give its size (too large for PIL's
+    decompression-bomb limit, truncated, not an image, not a regular file)."""
+
+    path: str
+    reason: str
+
+
+#: ``(project, bare file name) -> (width, height)``; an :class:`ImageProblem` when the file was
+#: found but cannot be read; None when it is not found.
+SizeLookup = Callable[[str, str], "tuple[int, int] | ImageProblem | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +251,7 @@ def _dimension(raw: str | None) -> int | None:
         value = float(raw)
     except ValueError:
         return None
-    if not math.isfinite(value) or value <= 0 or value != int(value):
+    if not math.isfinite(value) or value <= 0 or value != int(value) or value > MAX_DIMENSION:
         return None
     return int(value)
 
@@ -273,6 +287,11 @@ def _parse_time(raw: str | None) -> datetime | Note:
     if moment is None:
         return Note("backfill_timestamp_unparseable", "timestamp", repr(raw),
                     "the timestamp is in none of the contract's formats")
+    try:
+        iso_utc(moment)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        return Note("backfill_timestamp_unparseable", "timestamp", repr(raw),
+                    "the timestamp lies outside the range a UTC time can hold")
     return moment
 
 
@@ -281,6 +300,9 @@ def _group(chosen_raw: str, others: Sequence[str], fld: str) -> tuple[list[str],
     if not chosen:
         return Note("backfill_path_empty", "chosen_path", repr(chosen_raw),
                     "the chosen image path is empty")
+    if "\x00" in chosen_raw or any("\x00" in p for p in others):
+        return Note("backfill_group_invalid", fld, repr([chosen_raw, *others]),
+                    "an image path holds a NUL byte: no file can have that name")
     names = [bare_name(p) for p in others]
     if any(not n for n in names):
         return Note("backfill_group_invalid", fld, repr(list(others)),
@@ -305,10 +327,15 @@ def _size(ctx: ConvertContext, project: str, chosen: str, w_raw: str | None,
         return width, height, None
     found = ctx.size_lookup(project, chosen)
     shown = repr((w_raw, h_raw))
+    if isinstance(found, ImageProblem):
+        return Note("backfill_image_unreadable", "width", shown,
+                    f"the logged size is unusable and the image file {found.path} cannot give "
+                    f"its size: {found.reason}")
     if found is None:
         return Note("backfill_image_size_missing", "width", shown,
-                    "the image size is zero, missing or not a whole number, and the image was not "
-                    "found under any --image-root")
+                    "the image size is zero, missing, not a whole number or over "
+                    f"{MAX_DIMENSION:,} pixels, and the image was not found under any "
+                    "--image-root")
     return found[0], found[1], Note(
         "backfill_size_from_image_file", "width", shown,
         f"image size {found[0]}x{found[1]} read from the image file (logged size unusable)")

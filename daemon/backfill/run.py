@@ -5,6 +5,11 @@ state that grows with the input (which images were seen, which group_ids are tak
 rejection for the report) lives in a scratch SQLite file, not in Python objects.  Output DBs are
 built under a temp name in the target folder and linked into place only when complete, so a
 partial DB never sits under a target name; an existing file is never overwritten or modified.
+
+Inputs are hostile: a CSV path may name a FIFO or a folder, a line may hold anything, an image
+may be a decompression bomb.  Each of these becomes an issue line and the run goes on; only an
+output problem (a target that exists, lies outside the data root or inside a folder we must
+never write to, or cannot be written) stops it, before anything is placed.
 """
 
 from __future__ import annotations
@@ -12,15 +17,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import os
+import re
 import sqlite3
+import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 from PIL import Image, UnidentifiedImageError
@@ -29,8 +37,10 @@ from daemon.backfill.convert import (
     ConvertContext,
     Converted,
     CsvLayout,
+    ImageProblem,
     Note,
     ProjectFrom,
+    Rejected,
     Window,
     convert_line,
     detect_layout,
@@ -51,6 +61,19 @@ class BackfillError(DaemonError):
     """The backfill cannot run as asked (bad arguments, unreadable CSV); nothing was written."""
 
 
+class OutputPathError(BackfillError):
+    """An output path lies outside the data root, or inside an image root or the decisions
+    folder (after resolving symlinks); nothing was written."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"refusing to write {path}: {reason}")
+        self.path = path
+
+
+class OutputFailedError(BackfillError):
+    """Writing an output DB failed (disk full, read-only folder); nothing was placed."""
+
+
 class TargetExistsError(BackfillError):
     """A DB the backfill would create already exists; nothing was written or changed."""
 
@@ -62,8 +85,15 @@ class TargetExistsError(BackfillError):
 
 @dataclass(frozen=True, slots=True)
 class BackfillOptions:
+    """What to convert and where outputs may go.
+
+    ``out_dir`` holds the default targets (``<out_dir>/<project>.db``).  When ``data_root`` is
+    set, every output must resolve inside it; outputs never resolve inside ``forbidden_dirs``
+    (the live decisions folder) or any image root (``image_roots``, ``project_image_roots``).
+    """
+
     csv_paths: tuple[Path, ...]
-    decisions_dir: Path
+    out_dir: Path
     execute: bool = False
     project: str | None = None
     project_from: ProjectFrom = "folder"
@@ -73,6 +103,8 @@ class BackfillOptions:
     out: Path | None = None
     full_frame_tolerance: float = 0.001
     first_rows: int = 50
+    data_root: Path | None = None
+    forbidden_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,19 +199,35 @@ class ImageSizer:
             self._index[root] = found
         return found
 
-    def __call__(self, project: str, name: str) -> tuple[int, int] | None:
+    def __call__(self, project: str, name: str) -> tuple[int, int] | ImageProblem | None:
+        """The first readable size in root order; else the first problem met; else None."""
+        problem: ImageProblem | None = None
         for root in (*self.roots, *self.project_roots.get(project, ())):
             path = self._names(root).get(name)
             if path is None:
                 continue
             try:
-                with Image.open(path) as img:
+                # a FIFO named like an image must not hang the backfill: regular files only,
+                # and a symlink planted in an image root is not followed
+                with open_regular(path, follow_links=False) as fh, Image.open(fh) as img:
                     width, height = img.size
-            except (OSError, UnidentifiedImageError, ValueError):
+            except Image.DecompressionBombError as exc:
+                problem = problem or ImageProblem(str(path), (
+                    f"it is larger than Pillow's decompression-bomb limit ({exc}); it was not "
+                    "decoded. Give the size in a copy of the CSV, or check the file"))
+                continue
+            except NotReadable as exc:
+                problem = problem or ImageProblem(str(path), str(exc))
+                continue
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                problem = problem or ImageProblem(str(path), f"{type(exc).__name__}: {exc}")
+                continue
+            except Exception as exc:  # one odd image file never stops the backfill
+                problem = problem or ImageProblem(str(path), f"{type(exc).__name__}: {exc}")
                 continue
             if width > 0 and height > 0:
                 return int(width), int(height)
-        return None
+        return problem
 
 
 # -- output DBs -----------------------------------------------------------------------------------
@@ -188,7 +236,8 @@ class ImageSizer:
 class _DbWriter:
     """One project's new DB, built under a temp name beside the target."""
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, check: Callable[[Path], None] | None = None) -> None:
+        self.check = check
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -222,6 +271,8 @@ class _DbWriter:
 
     def place(self) -> None:
         """Put the finished DB under its target name without ever replacing a file there."""
+        if self.check is not None:
+            self.check(self.target)  # again: a folder may have been swapped for a link
         try:
             os.link(self.tmp, self.target)  # fails if the target appeared meanwhile
         except FileExistsError:
@@ -249,23 +300,102 @@ CREATE INDEX issues_severity ON issues(severity, seq);
 """
 
 
-def sha256_file(path: Path) -> str:
+class NotReadable(Exception):
+    """A path that is not a regular readable file; the message says what it is instead."""
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _what(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), f"a file of mode {mode:o}")
+
+
+def open_regular(path: Path, *, follow_links: bool = True) -> BinaryIO:
+    """``path`` open for reading, which must be a regular file.  A stat first, so a FIFO or a
+    device is never opened; ``O_NONBLOCK`` and an ``fstat`` of the descriptor, so one swapped
+    in meanwhile is caught too.  A CSV may be a link (the operator named it); an image found
+    in an image root may not (``follow_links=False``)."""
+    try:
+        st = os.stat(path) if follow_links else os.lstat(path)
+    except OSError as exc:
+        raise NotReadable(f"cannot stat it: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NotReadable(f"it is {_what(st.st_mode)}, not a regular file")
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+             | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise NotReadable(f"cannot open it: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotReadable(f"it is {_what(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def sha256_of(fh: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
+    fh.seek(0)
     return digest.hexdigest()
 
 
 def target_for(opts: BackfillOptions, project: str) -> Path:
-    """``<decisions_dir>/<project>.db`` by default: the name the validator and the trainer
-    read as that project.  A project that already has a live DB needs ``--out``."""
-    return opts.out if opts.out is not None else opts.decisions_dir / f"{project}.db"
+    """``--out``, else ``<out_dir>/<project>.db`` (the CLI's ``out_dir`` is
+    ``<data_root>/backfill``: never the live decisions folder, which belongs to the reviewer)."""
+    return opts.out if opts.out is not None else opts.out_dir / f"{project}.db"
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    """``(first line number, fields, csv error)`` per record; the header is line 1."""
-    with path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    """``value`` storable as UTF-8: bytes a file name or line held that are not UTF-8 (lone
+    surrogates) are written as ``\\udcXX`` instead of raising in SQLite or the report."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _head(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_path(opts: BackfillOptions, path: Path) -> None:
+    """Refuse (:class:`OutputPathError`) an output that, with every symlink resolved, lies
+    outside the data root, or inside the decisions folder or an image root."""
+    real = os.path.realpath(path)
+    if opts.data_root is not None:
+        root = os.path.realpath(opts.data_root)
+        if not _within(real, root) or real == root:
+            raise OutputPathError(path, f"it resolves to {real}, outside the data root {root}; "
+                                        "backfill writes only inside the data root")
+    forbidden = [(d, "the decisions folder (the reviewer's, read-only to trainingd): write "
+                     "elsewhere, check the DB, then move it there as the reviewer's user")
+                 for d in opts.forbidden_dirs]
+    roots = {*opts.image_roots, *(r for rs in opts.project_image_roots.values() for r in rs)}
+    forbidden += [(r, "an image root (the upstream's folder)") for r in sorted(roots)]
+    for folder, what in forbidden:
+        real_folder = os.path.realpath(folder)
+        if _within(real, real_folder):
+            raise OutputPathError(path, f"it resolves to {real}, inside {real_folder}, {what}")
+
+
+def _read_lines(raw: BinaryIO) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """``(first line number, fields, csv error)`` per record; the header is line 1.  Bytes
+    that are not UTF-8 arrive as lone surrogates (``surrogateescape``), never an exception:
+    the caller rejects such a line rather than store a name changed to fit."""
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh)
         previous = 0
         while True:
@@ -293,6 +423,7 @@ class _Run:
         self.out.scratch = self.scratch
         self.pending = 0
         self.writers: dict[str, _DbWriter] = {}
+        self.layout: CsvLayout | None = None  # of the file being read, once its header is
         sizer = ImageSizer(opts.image_roots, opts.project_image_roots)
         self.ctx = ConvertContext(
             project_from=opts.project_from, project=opts.project, windows=opts.windows,
@@ -304,7 +435,8 @@ class _Run:
         self.scratch.execute(
             "INSERT INTO issues (file, line, project, code, severity, field, value_repr, message)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (file, line, project, note.code, severity, note.field, note.value_repr, note.message))
+            (_text(file), line, project, note.code, severity, note.field,
+             _text(note.value_repr), _text(note.message)))
         self.out.by_code[note.code] += 1
         self._tick()
 
@@ -322,13 +454,15 @@ class _Run:
             raise BackfillError(
                 f"--out {self.opts.out} takes one project, but the input holds {other!r} and "
                 f"{project!r}; use --project, or drop --out to write one DB per project")
+        check_output_path(self.opts, target)
         self.out.targets[project] = target
-        if target.exists():
+        if os.path.lexists(target):
             self.out.existing_targets.append(target)
             if self.opts.execute:
                 raise TargetExistsError(target)
         if self.opts.execute:
-            self.writers[project] = _DbWriter(target)
+            self.writers[project] = _DbWriter(
+                target, check=lambda path: check_output_path(self.opts, path))
 
     def _accept(self, file: str, line: int, conv: Converted) -> bool:
         cur = self.scratch.execute(
@@ -370,47 +504,89 @@ class _Run:
 
     def read_file(self, path: Path) -> None:
         started = time.perf_counter()
-        name = str(path)
+        name = _text(str(path))
         summary = FileSummary(file=name, format=None)
         self.out.files.append(summary)
-        summary.sha256 = sha256_file(path)
-        layout: CsvLayout | None = None
-        for line, fields, error in _read_lines(path):
-            if layout is None:
-                if fields == []:  # blank lines before the header
-                    continue
-                layout = detect_layout(fields) if fields else None
-                if layout is None:
-                    summary.error = f"line {line} is not a known legacy header"
-                    self._issue(name, line, None, Note(
-                        "backfill_format_unknown", None, repr(fields if fields else error),
-                        "the header matches none of the legacy formats (data contract, "
-                        "section 5); the file is skipped"))
+        self.layout = None
+        try:
+            raw = open_regular(path)
+        except NotReadable as exc:
+            self._unreadable(summary, 0, str(exc))
+            return
+        line = 0
+        try:
+            summary.sha256 = sha256_of(raw)
+            for line, fields, error in _read_lines(raw):
+                if not self._read_line(summary, line, fields, error):
                     break
-                summary.format = layout.format
-                continue
-            if fields is not None and not any(f.strip() for f in fields):
-                summary.blank_lines += 1
-                continue
-            summary.lines += 1
-            if fields is None:
-                self._issue(name, line, None, Note("backfill_csv_malformed", None, repr(error),
-                                                   f"the CSV module cannot read the line: "
-                                                   f"{error}"))
-                summary.rejected += 1
-                continue
-            outcome = convert_line(layout, fields, self.ctx)
-            if isinstance(outcome, Converted):
-                if self._accept(name, line, outcome):
-                    summary.converted += 1
-                else:
-                    summary.rejected += 1
-            else:
-                self._issue(name, line, None, outcome.note)
-                summary.rejected += 1
+        except OSError as exc:  # EIO, a file truncated under us: what was read stays read
+            self._unreadable(summary, line, f"reading it failed: {exc.strerror or exc}")
+        finally:
+            raw.close()
         log.info("backfill.file_read", file=name, format=summary.format, lines=summary.lines,
                  converted=summary.converted, rejected=summary.rejected,
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _unreadable(self, summary: FileSummary, line: int, reason: str) -> None:
+        summary.error = reason
+        self._issue(summary.file, line, None, Note(
+            "backfill_csv_unreadable", None, repr(summary.file),
+            f"the CSV cannot be read: {reason}; the rest of the file is skipped"))
+        log.warning("backfill.csv_unreadable", file=summary.file, line=line, reason=reason)
+
+    def _read_line(self, summary: FileSummary, line: int, fields: list[str] | None,
+                   error: str | None) -> bool:
+        """Handle one record; False once the file is to be skipped (unknown header)."""
+        name = summary.file
+        if self.layout is None:
+            if fields == []:  # blank lines before the header
+                return True
+            layout = detect_layout(fields) if fields else None
+            if layout is None:
+                summary.error = f"line {line} is not a known legacy header"
+                self._issue(name, line, None, Note(
+                    "backfill_format_unknown", None, repr(fields if fields else error),
+                    "the header matches none of the legacy formats (data contract, "
+                    "section 5); the file is skipped"))
+                return False
+            summary.format = layout.format
+            self.layout = layout
+            return True
+        if fields is not None and not any(f.strip() for f in fields):
+            summary.blank_lines += 1
+            return True
+        summary.lines += 1
+        if fields is None:
+            self._issue(name, line, None, Note("backfill_csv_malformed", None, repr(error),
+                                               f"the CSV module cannot read the line: "
+                                               f"{error}"))
+            summary.rejected += 1
+            return True
+        if any(_SURROGATE.search(f) for f in fields):
+            self._issue(name, line, None, Note(
+                "backfill_csv_malformed", None, _head(repr(fields)),
+                "the line is not valid UTF-8 (the bytes shown as \\udcXX); it is not stored "
+                "with changed names: re-encode the CSV as UTF-8 and backfill the copy"))
+            summary.rejected += 1
+            return True
+        try:
+            outcome = convert_line(self.layout, fields, self.ctx)
+        except Exception as exc:  # a bug, not the data's fault: still one line, not the run
+            log.exception("backfill.line_failed", file=name, line=line)
+            outcome = Rejected(Note(
+                "backfill_line_failed", None, _head(repr(fields)),
+                f"converting the line raised {type(exc).__name__}: {_head(str(exc))}; the "
+                "line is skipped, the others go on (report this with the log event "
+                "backfill.line_failed)"))
+        if isinstance(outcome, Converted):
+            if self._accept(name, line, outcome):
+                summary.converted += 1
+            else:
+                summary.rejected += 1
+        else:
+            self._issue(name, line, None, outcome.note)
+            summary.rejected += 1
+        return True
 
     def finish(self) -> None:
         self.scratch.execute("COMMIT")
@@ -418,9 +594,10 @@ class _Run:
             return
         for writer in self.writers.values():
             writer.finish()
-        existing = [w.target for w in self.writers.values() if w.target.exists()]
-        if existing:
-            raise TargetExistsError(existing[0])
+        for writer in self.writers.values():  # all checked before the first is placed
+            check_output_path(self.opts, writer.target)
+            if os.path.lexists(writer.target):
+                raise TargetExistsError(writer.target)
         for project in sorted(self.writers):
             writer = self.writers[project]
             writer.place()
@@ -437,13 +614,18 @@ def check_inputs(opts: BackfillOptions) -> None:
     if opts.project_from == "window" and not opts.windows:
         raise BackfillError("--project-from window needs at least one --window P=START..END")
     for path in opts.csv_paths:
-        if not path.is_file():
+        # only a name that is not there at all stops the run (a typo); a folder or a FIFO given
+        # as a CSV is reported in the report as backfill_csv_unreadable and the others go on
+        if not os.path.lexists(path):
             raise BackfillError(f"no such CSV file: {path}")
-    if opts.out is not None and opts.out.exists():
-        raise TargetExistsError(opts.out)
-    if opts.execute and opts.project_from == "fixed" and opts.project:
+    if opts.out is not None:
+        check_output_path(opts, opts.out)
+        if os.path.lexists(opts.out):
+            raise TargetExistsError(opts.out)
+    if opts.project_from == "fixed" and opts.project:
         target = target_for(opts, opts.project)
-        if target.exists():
+        check_output_path(opts, target)
+        if opts.execute and os.path.lexists(target):
             raise TargetExistsError(target)
     inputs = {p.resolve() for p in opts.csv_paths}
     if opts.out is not None and opts.out.resolve() in inputs:
@@ -461,6 +643,13 @@ def run_backfill(opts: BackfillOptions) -> Iterator[BackfillOutcome]:
             for path in opts.csv_paths:
                 run.read_file(path)
             run.finish()
+        except (OSError, sqlite3.Error) as exc:  # the output side: disk full, read-only folder
+            run.abort()
+            run.scratch.close()
+            log.error("backfill.write_failed", error=f"{type(exc).__name__}: {exc}")
+            raise OutputFailedError(
+                f"writing the backfill output failed ({type(exc).__name__}: {exc}); the DBs "
+                "not yet placed were removed, and a re-run gives the same rows") from exc
         except BaseException:
             run.abort()
             run.scratch.close()
