@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from daemon.errors import DaemonError, EmbeddingError
+from daemon.health import Progress
 from daemon.images import ImageIndex, iter_files
 from daemon.records import ImageCandidate, Issue, ProjectResult
 from daemon.settings import Settings
@@ -32,14 +33,18 @@ from daemon.workqueue import Task
 log = structlog.get_logger("pipeline")
 
 SIDECAR_KEY = "#sidecar:"
+#: the longest a model load may take before it counts as a stall (cold disk, CUDA init)
+MODEL_LOAD_SECONDS = 600.0
 IMAGE_KEY = "#image:"
 
 
 class Pipeline:
     def __init__(self, settings: Settings, store: StateStore, put: Callable[[Task], None], *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 embedder: Any = None) -> None:
+                 embedder: Any = None, progress: Progress | None = None) -> None:
         self.settings = settings
+        #: bumped as work moves (the service's health tick reads it: daemon.health)
+        self.progress = progress if progress is not None else Progress()
         self.store = store
         self.put = put
         self.clock = clock
@@ -91,6 +96,7 @@ class Pipeline:
 
     def _validate(self, src: ProjectSource, *, full: bool = False,
                   hints: frozenset[str] = frozenset()) -> ProjectResult:
+        self.progress.beat(f"validating {src.project}")
         result = self.validator.validate_project(src, full=full, hints=hints)
         names = self.validator.take_checked_images(src.project)
         if names:
@@ -121,7 +127,9 @@ class Pipeline:
 
     def _scan_project(self, project: str) -> dict[str, Any]:
         roots = [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
-        counts = self.index.scan(project, [r for r in roots if r.is_dir()], self.clock())
+        self.progress.beat(f"scanning the image roots of {project}")
+        counts = self.index.scan(project, [r for r in roots if r.is_dir()], self.clock(),
+                                 progress=self.progress.beat)
         sidecars = sorted(str(p) for r in roots if r.is_dir()
                           for p in iter_files(r, frozenset({".decision"})))
         known = {r[0] for r in self.store.conn.execute(
@@ -151,6 +159,7 @@ class Pipeline:
         stats = {"parsed": 0, "gone": 0, "issues": 0}
         with self.store.transaction():
             for raw in sorted(paths):
+                self.progress.beat(f"sidecar {raw}")
                 path = Path(raw)
                 root = next((r for r in roots if r == path or r in path.parents), None)
                 key = SIDECAR_KEY + raw
@@ -210,6 +219,8 @@ class Pipeline:
                 from daemon.embedding.stage import EmbeddingStage
 
                 stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
+                # a cold start (disk, CUDA init) may take minutes: a bounded step, not a stall
+                self.progress.allow(MODEL_LOAD_SECONDS, "loading the embedding model")
                 _ = stage.embedder  # load now: missing weights must surface here, not later
                 self._embedding = stage
                 log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id)
@@ -291,6 +302,8 @@ class Pipeline:
                     "NULL ORDER BY id LIMIT ?", (mark, self.settings.audit.max_rows_per_call))]
         if not rows:
             return {"status": "nothing flagged"}
+        # the hook is killed after audit.timeout_seconds: its own bound, not a stall
+        self.progress.allow(self.settings.audit.timeout_seconds + 30, "audit hook")
         result = run_audit(self.store, self.settings, rows, self.clock())
         if result.status == "ok":
             with self.store.transaction():
@@ -313,8 +326,11 @@ class Pipeline:
     def _train(self, kind: str, *, force: bool, should_stop: Callable[[], bool]) -> dict[str, Any]:
         from daemon.training.runner import train_model
 
+        # the training process is watched through should_stop (polled every second, and
+        # bounded by training.timeout_minutes) and its progress events: never a stall
         outcome = train_model(self.settings, kind, force=force,  # type: ignore[arg-type]
-                              should_stop=should_stop)
+                              should_stop=should_stop,
+                              progress=lambda e: self.progress.beat(f"training {kind}"))
         return outcome.to_dict() if hasattr(outcome, "to_dict") else dict(vars(outcome))
 
     def _do_summary(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
