@@ -319,7 +319,7 @@ _CODES: tuple[Code, ...] = (
          "Usually harmless: the moved file is embedded at its new path; a deleted one is lost."),
     Code("image_not_regular", "error", "embedding",
          "A path with an image name in an image root is not a regular file (a FIFO, socket, "
-         "device, folder or symbolic link); trainingd opens only regular files there.",
+         "device or symbolic link); trainingd opens only regular files there.",
          "Replace it with the image file or remove it; it is looked at again when it changes."),
 )
 

@@ -138,6 +138,8 @@ def prepare(job: Job, opts: DecodeOptions, has_vector: Callable[[str], bool],
         # waiting on it, forever
         data, st = read_regular(path)
     except NotRegularFileError as exc:
+        if exc.what == "a folder":  # a plain mistake, reported as before (image_unreadable)
+            return _failure(job, "image_unreadable", "cannot read the file: it is a folder")
         return _failure(job, "image_not_regular",
                         f"{exc.what}, not a regular file: trainingd reads only regular files in "
                         "image roots; replace it with the image file or remove it")
