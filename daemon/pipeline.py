@@ -48,7 +48,7 @@ class Pipeline:
         self.store = store
         self.put = put
         self.clock = clock
-        self.validator = Validator(store, settings, clock=clock, collect_images=True)
+        self.validator = self._validator(settings)
         self.index = ImageIndex(store)
         self.paused = False
         self.embedder = embedder
@@ -58,9 +58,13 @@ class Pipeline:
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
-        self.validator = Validator(self.store, settings, clock=self.clock, collect_images=True)
+        self.validator = self._validator(settings)
         self._embedding = None
         self.embedding_disabled = None
+
+    def _validator(self, settings: Settings) -> Validator:
+        return Validator(self.store, settings, clock=self.clock, collect_images=True,
+                         progress=lambda: self.progress.beat("validating a chunk of rows"))
 
     # -- dispatch -------------------------------------------------------------------------------
 

@@ -150,8 +150,12 @@ class Validator:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         collect_images: bool = False,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        #: called once per committed chunk: the daemon's health tick counts it as work moving,
+        #: so a long full reconcile of a large DB is never mistaken for a stall
+        self.progress = progress
         self.settings = settings
         self.clock = clock
         #: with ``collect_images``: project -> file names in the rows checked since the last
@@ -305,7 +309,8 @@ class Validator:
             future_slack=timedelta(hours=v.future_slack_hours),
         )
         images = self._checked_images.setdefault(project, set()) if self.collect_images else None
-        run = _Run(self.store, reader, project, db_file, ctx, now, v.chunk_rows, images)
+        run = _Run(self.store, reader, project, db_file, ctx, now, v.chunk_rows, images,
+                   progress=self.progress)
         cp = self.store.checkpoint(project)
         min_rowid, max_rowid, count = reader.snapshot()
         inode = _inode(reader.path)
@@ -371,8 +376,10 @@ class _Run:
 
     def __init__(self, store: StateStore, reader: SourceReader, project: str, db_file: str,
                  ctx: CheckContext, now: datetime, chunk_rows: int,
-                 images: set[str] | None = None) -> None:
+                 images: set[str] | None = None, *,
+                 progress: Callable[[], None] | None = None) -> None:
         self.store, self.reader, self.project, self.db_file = store, reader, project, db_file
+        self.progress = progress
         self.ctx, self.now, self.chunk_rows = ctx, now, chunk_rows
         self.images = images
         self.unique = reader.schema.group_id_unique
@@ -462,6 +469,8 @@ class _Run:
     def _apply(self, keyed: list[tuple[str, Row]], known: dict[str, RowState], *, force: bool,
                checkpoint: Checkpoint) -> None:
         """Check the rows whose digest changed and commit results + checkpoint together."""
+        if self.progress is not None:
+            self.progress()
         upserts: list[tuple[Any, ...]] = []
         issues: list[tuple[str, Issue]] = []
         moves: list[tuple[int, str]] = []

@@ -355,3 +355,20 @@ class TestSources:
 def test_json_written_by_json_dumps_is_what_the_checks_read() -> None:
     """Guard for the fixtures: the reviewer writes JSON with json.dumps defaults."""
     assert json.dumps([0.2, 0.0, 0.7, 0.6]) == "[0.2, 0.0, 0.7, 0.6]"
+
+
+class TestProgress:
+    """A long pass tells the daemon's health tick that work is moving."""
+
+    def test_progress_is_reported_once_per_chunk(self, make_db: Any, store: StateStore,
+                                                 settings: Settings) -> None:
+        """A full pass over 1,000 rows in chunks of 100 reports progress at least 10 times."""
+        db = make_db()
+        db.insert_many(1000)
+        settings = settings.model_copy(update={"validation": settings.validation.model_copy(
+            update={"chunk_rows": 100})})
+        beats: list[int] = []
+        result = Validator(store, settings, clock=lambda: NOW,
+                           progress=lambda: beats.append(1)).validate_all(full=True)[0]
+        assert result.rows_checked == 1000
+        assert len(beats) >= 10
