@@ -364,3 +364,16 @@ class TestCli:
         assert "projects.nope" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             self._parse("--limit", "0")
+
+
+class TestHostileIndexLines:
+    """A damaged line in the cache's index is one bad line, never an exception."""
+
+    def test_deep_and_huge_lines_read_as_bad_lines(self, tmp_path: Path) -> None:
+        """Deep JSON and a 5,000-digit number read as ``None`` between two good lines."""
+        from daemon.embedding.cache import read_index
+
+        index = tmp_path / "processed_images.jsonl"
+        index.write_bytes(b'{"a": 1}\n' + b"[" * 100_000 + b"\n" + b"9" * 5000 + b"\n"
+                          + b'{"b": 2}\n')
+        assert list(read_index(index)) == [(1, {"a": 1}), (2, None), (3, None), (4, {"b": 2})]

@@ -150,7 +150,8 @@ def read_index(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
         for number, raw in enumerate(fh, start=1):
             try:
                 entry = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
+                # a damaged or hostile line (too deep, a 4,301-digit number) is one bad line
                 yield number, None
                 continue
             yield number, entry if isinstance(entry, dict) else None
