@@ -42,6 +42,14 @@ holds the proofs):
      which creates nothing.  A hot journal we may not roll back answers
      SQLITE_READONLY_ROLLBACK; :func:`is_busy_error` callers treat it as busy and retry.
 
+One descriptor per file, never closed under a lock: closing any descriptor of a file drops
+every classic POSIX lock this process holds on it, so an open-check-close of our own would silently
+take the SHARED lock away from another SQLite connection in this process (measured: a second
+process then checkpointed and deleted the ``-wal``/``-shm`` under a live writer, and a reader in
+``"wal"`` layout missed committed rows).  The guard's descriptor is kept per (dev, inode) for the
+life of the process and closed only once the file is unlinked and none of our readers uses it;
+the private copy reads the main file through it too.
+
 Residual races, kept as small as we could:
 
 - Without OFD locks (not Linux, or a filesystem that refuses them; logged once as
@@ -70,9 +78,10 @@ import sqlite3
 import stat
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,29 +140,72 @@ def _stamp(path: Path) -> _Stamp | None:
     return _Stamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@dataclass(slots=True)
+class _Inode:
+    """Our descriptor(s) on one database file, shared by every reader of it in this process."""
+
+    fd: int
+    users: int = 0
+    lockers: int = 0
+    spare: list[int] = field(default_factory=list)
+
+
+#: Closing *any* descriptor of a file drops every classic POSIX lock this process holds on it,
+#: including the SHARED lock of another SQLite connection here (a writer in a test, the daemon's
+#: own state DB connection while a read-only store comes and goes).  SQLite defers its own closes
+#: for this reason; we keep one descriptor per file for the life of the process instead, and
+#: close it only once the file is unlinked and none of our readers uses it.
+_INODES: dict[tuple[int, int], _Inode] = {}
+_INODES_LOCK = threading.Lock()
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def _not_regular() -> sqlite3.OperationalError:
+    return _cantopen("unable to open database file: not a regular file")
+
+
 class _Guard:
-    """Our own read descriptor on the database, holding an OFD read lock on SQLite's SHARED
-    range while :attr:`held`.  Opened non-blocking and checked to be a regular file, so a FIFO
-    named like a database never hangs the caller."""
+    """A reader's hold on the process's descriptor of the database, and through it an OFD read
+    lock on SQLite's SHARED range while :attr:`held`.  The file is checked to be regular before
+    it is opened (non-blocking), so a FIFO named like a database never hangs the caller."""
 
     unsupported_logged = False
 
     def __init__(self, path: Path) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as exc:
-            raise _cantopen(f"unable to open database file: {exc.strerror}") from exc
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            raise _cantopen("unable to open database file: not a regular file")
         self.path = path
         self.held = False
         self.supported = _OFD_SETLK is not None
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise _cantopen(f"unable to open database file: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular()
+        key = (st.st_dev, st.st_ino)
+        with _INODES_LOCK:
+            inode = _INODES.get(key)
+            if inode is None:
+                try:
+                    fd = os.open(path, _OPEN_FLAGS)
+                except OSError as exc:
+                    raise _cantopen(f"unable to open database file: {exc.strerror}") from exc
+                fst = os.fstat(fd)
+                if not stat.S_ISREG(fst.st_mode):
+                    os.close(fd)  # replaced by a non-file since the stat: no SQLite lock on it
+                    raise _not_regular()
+                key = (fst.st_dev, fst.st_ino)  # the file we really opened
+                inode = _INODES.get(key)
+                if inode is None:
+                    inode = _INODES[key] = _Inode(fd)
+                else:
+                    inode.spare.append(fd)  # closing it would drop locks: park it
+            inode.users += 1
+        self.key, self.inode = key, inode
 
     def _fcntl(self, kind: int) -> None:
         assert _OFD_SETLK is not None
         # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
-        fcntl.fcntl(self.fd, _OFD_SETLK,
+        fcntl.fcntl(self.inode.fd, _OFD_SETLK,
                     struct.pack("hhqqi4x", kind, os.SEEK_SET, _SHARED_FIRST, _SHARED_SIZE, 0))
 
     def try_lock(self) -> bool:
@@ -161,31 +213,54 @@ class _Guard:
         EXCLUSIVE."""
         if self.held or not self.supported:
             return True
-        try:
-            self._fcntl(fcntl.F_RDLCK)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            self.supported = False
-            if not _Guard.unsupported_logged:
-                _Guard.unsupported_logged = True
-                log.warning("sqlite_ro.guard_unavailable", db=str(self.path), error=str(exc),
-                            consequence="a writer closing during our open may leave a -wal")
-            return True
-        self.held = True
+        with _INODES_LOCK:
+            if self.inode.lockers == 0:
+                try:
+                    self._fcntl(fcntl.F_RDLCK)
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        return False
+                    self.supported = False
+                    if not _Guard.unsupported_logged:
+                        _Guard.unsupported_logged = True
+                        log.warning("sqlite_ro.guard_unavailable", db=str(self.path),
+                                    error=str(exc),
+                                    consequence="a writer closing during our open may leave "
+                                                "a -wal")
+                    return True
+            self.inode.lockers += 1
+            self.held = True
         return True
 
     def unlock(self) -> None:
-        if self.held:
-            self._fcntl(fcntl.F_UNLCK)
-            self.held = False
+        with _INODES_LOCK:
+            if self.held:
+                self.held = False
+                self.inode.lockers -= 1
+                if self.inode.lockers == 0:
+                    self._fcntl(fcntl.F_UNLCK)
 
     def header(self) -> bytes:
-        return os.pread(self.fd, 100, 0)
+        return os.pread(self.inode.fd, 100, 0)
+
+    def copy_to(self, target: Path) -> None:
+        """The database's bytes into ``target``, read through our descriptor (opening and
+        closing another one would drop locks)."""
+        with open(target, "wb") as out:
+            offset = 0
+            while block := os.pread(self.inode.fd, 1 << 20, offset):
+                out.write(block)
+                offset += len(block)
 
     def close(self) -> None:
-        self.held = False
-        os.close(self.fd)  # drops the OFD lock with the descriptor
+        self.unlock()
+        with _INODES_LOCK:
+            self.inode.users -= 1
+            if self.inode.users or os.fstat(self.inode.fd).st_nlink:
+                return
+            del _INODES[self.key]  # unlinked and unused by us: give its space back
+            for fd in (self.inode.fd, *self.inode.spare):
+                os.close(fd)
 
 
 class ReadOnlyDB:
@@ -296,8 +371,8 @@ class ReadOnlyDB:
             target = scratch / self._real.name
             for _ in range(_COPY_ATTEMPTS):
                 before = (_stamp(self._real), _stamp(self._wal))
-                shutil.copyfile(self._real, target)
-                shutil.copyfile(self._wal, Path(f"{target}-wal"))
+                guard.copy_to(target)
+                shutil.copyfile(self._wal, Path(f"{target}-wal"))  # SQLite locks no -wal
                 if before[1] is not None and (_stamp(self._real), _stamp(self._wal)) == before:
                     break
             else:

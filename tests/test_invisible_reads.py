@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -504,3 +505,37 @@ class TestReadOnlyStateStore:
         finally:
             ro.close()
         assert os.listdir(tmp_path) == ["t.db"]
+
+
+class TestInProcessLocks:
+    """Our descriptors never drop a lock another SQLite connection in this process holds."""
+
+    @pytest.mark.parametrize("layout", ["wal", "immutable"])
+    def test_closing_a_reader_keeps_an_in_process_writers_lock(
+        self, settings: Settings, layout: str
+    ) -> None:
+        """After our reader closes, an in-process writer still holds its SHARED lock, so a
+        second process closing cannot delete the -wal/-shm under it (a POSIX close drops
+        every lock of the process on the file; SQLite's own close defers for this reason)."""
+        path = settings.decisions_dir / "mojo3.db"
+        closed_db(path, 10)
+        if layout == "immutable":
+            reader = SourceReader(path)
+            assert reader.layout == "immutable"
+        writer = ReviewerDB(path)  # this process: WAL, SHARED lock held while connected
+        writer.rng, writer.n = random.Random(99), 1000  # rows unlike the first ten
+        try:
+            writer.insert_many(2)
+            if layout == "wal":
+                reader = SourceReader(path)
+                assert reader.layout == "wal"
+            assert reader.snapshot()[2] in (10, 12)
+            reader.close()
+            other = start_writer(path, insert_copies=1)  # another process opens, then closes
+            writer_report(other)
+            finish(other)
+            assert os.path.exists(f"{path}-wal") and os.path.exists(f"{path}-shm")
+            writer.insert_many(1)
+        finally:
+            writer.close()
+        assert all_rows(path).keys() == set(range(1, 15))
