@@ -10,13 +10,13 @@ the state DB: the run history and, for a finished run, the labels it trained on.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -82,66 +82,74 @@ def _run_child(settings: Settings, kind: Kind, *, vectors_factory: str,
                should_stop: Callable[[], bool], timeout_seconds: float,
                progress: Callable[[dict[str, Any]], None] | None) -> TrainOutcome:
     grace = max(1.0, settings.service.shutdown_budget_seconds / 2)
-    with tempfile.TemporaryDirectory(prefix="trainingd-train-") as tmp:
-        cfg = Path(tmp) / "settings.json"
-        cfg.write_text(json.dumps(settings_payload(settings)), encoding="utf-8")
-        err_path = Path(tmp) / "stderr.txt"
-        cmd = [sys.executable, "-m", "daemon.training.worker", "--kind", kind,
-               "--settings", str(cfg), "--vectors-factory", vectors_factory]
-        with err_path.open("w", encoding="utf-8") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            events: queue.Queue[dict[str, Any]] = queue.Queue()
-            reader = threading.Thread(target=_reader, args=(proc.stdout, events), daemon=True)
-            reader.start()
-            deadline = time.monotonic() + timeout_seconds
-            stop_sent: float | None = None
-            ending = ""
-            result: dict[str, Any] | None = None
-            while True:
-                try:
-                    event = events.get(timeout=_POLL_SECONDS)
-                except queue.Empty:
-                    event = None
-                if event is not None:
-                    if event.get("event") == "result":
-                        result = event
-                    elif progress is not None:
-                        progress({**event, "pid": proc.pid})
-                elif proc.poll() is not None:
-                    break
-                # checked on every turn: a child that reports progress quickly must not starve
-                # a stop request or the timeout
-                if stop_sent is None and should_stop():
-                    proc.send_signal(signal.SIGTERM)
-                    stop_sent = time.monotonic()
-                    ending = "stopped"
-                elif stop_sent is not None and time.monotonic() - stop_sent > grace:
-                    proc.kill()
-                    ending = "stopped"
-                elif time.monotonic() > deadline:
-                    proc.kill()
-                    ending = "timeout"
-            proc.wait()
-            reader.join(timeout=5)
-            while not events.empty():
-                event = events.get_nowait()
-                if event.get("event") == "result":
-                    result = event
-        if result is not None and proc.returncode == 0:
-            fields = {k: v for k, v in result.items() if k != "event"}
-            return TrainOutcome(**fields)
-        tail = err_path.read_text(encoding="utf-8", errors="replace")[-2000:].strip()
-        if ending == "timeout":
-            return TrainOutcome(kind=kind, status="timeout",
-                                reason=f"killed after {timeout_seconds:.0f} s")
-        if ending == "stopped":
-            return TrainOutcome(kind=kind, status="stopped", reason="stop requested")
-        code = proc.returncode
-        why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        return TrainOutcome(kind=kind, status="crashed",
-                            reason=f"training process {why}" + (f": {tail.splitlines()[-1]}"
-                                                               if tail else ""))
+    # settings go in through stdin and stderr comes back through a pipe: no scratch folder,
+    # so a parent killed with SIGKILL leaves nothing behind in $TMPDIR
+    cmd = [sys.executable, "-m", "daemon.training.worker", "--kind", kind,
+           "--settings", "-", "--vectors-factory", vectors_factory]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(settings_payload(settings)))
+        proc.stdin.close()
+    except OSError:  # the child died before reading: its exit status says why
+        pass
+    err_tail: collections.deque[str] = collections.deque(maxlen=40)
+    err_reader = threading.Thread(target=err_tail.extend, args=(proc.stderr,), daemon=True)
+    err_reader.start()
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    reader = threading.Thread(target=_reader, args=(proc.stdout, events), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_seconds
+    stop_sent: float | None = None
+    ending = ""
+    result: dict[str, Any] | None = None
+    while True:
+        try:
+            event = events.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            event = None
+        if event is not None:
+            if event.get("event") == "result":
+                result = event
+            elif progress is not None:
+                progress({**event, "pid": proc.pid})
+        elif proc.poll() is not None:
+            break
+        # checked on every turn: a child that reports progress quickly must not starve
+        # a stop request or the timeout
+        if stop_sent is None and should_stop():
+            proc.send_signal(signal.SIGTERM)
+            stop_sent = time.monotonic()
+            ending = "stopped"
+        elif stop_sent is not None and time.monotonic() - stop_sent > grace:
+            proc.kill()
+            ending = "stopped"
+        elif time.monotonic() > deadline:
+            proc.kill()
+            ending = "timeout"
+    proc.wait()
+    reader.join(timeout=5)
+    err_reader.join(timeout=5)
+    while not events.empty():
+        event = events.get_nowait()
+        if event.get("event") == "result":
+            result = event
+    if result is not None and proc.returncode == 0:
+        fields = {k: v for k, v in result.items() if k != "event"}
+        return TrainOutcome(**fields)
+    tail = "".join(err_tail)[-2000:].strip()
+    if ending == "timeout":
+        return TrainOutcome(kind=kind, status="timeout",
+                            reason=f"killed after {timeout_seconds:.0f} s")
+    if ending == "stopped":
+        return TrainOutcome(kind=kind, status="stopped", reason="stop requested")
+    code = proc.returncode
+    why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    return TrainOutcome(kind=kind, status="crashed",
+                        reason=f"training process {why}" + (f": {tail.splitlines()[-1]}"
+                                                           if tail else ""))
 
 
 def train_model(settings: Settings, kind: Kind, *, force: bool = False,

@@ -37,11 +37,14 @@ def build_vectors(spec: str, settings: Settings, store: StateStore) -> VectorSou
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="daemon.training.worker")
     parser.add_argument("--kind", choices=("ranker", "crop"), required=True)
-    parser.add_argument("--settings", required=True)
+    parser.add_argument("--settings", required=True, help="settings JSON file, or - for stdin")
     parser.add_argument("--vectors-factory", required=True)
     args = parser.parse_args(argv)
-    with open(args.settings, encoding="utf-8") as fh:
-        settings = settings_from_payload(json.load(fh))
+    if args.settings == "-":
+        settings = settings_from_payload(json.load(sys.stdin))
+    else:
+        with open(args.settings, encoding="utf-8") as fh:
+            settings = settings_from_payload(json.load(fh))
     stop = {"flag": False}
 
     def on_term(signum: int, frame: object) -> None:
