@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import os
 import re
+import shutil
 import sqlite3
 import stat
 import tempfile
@@ -55,6 +57,7 @@ from daemon.sample import INSERT_SQL
 log = structlog.get_logger("backfill")
 
 COMMIT_EVERY = 5000
+SCRATCH_PREFIX = "trainingd-backfill-"
 
 
 class BackfillError(DaemonError):
@@ -233,14 +236,53 @@ class ImageSizer:
 # -- output DBs -----------------------------------------------------------------------------------
 
 
+def _hold(path: Path) -> int:
+    """Take an exclusive ``flock`` on ``path`` for the life of this run.  The kernel drops it
+    when the process ends, however it ends: a temp file whose lock is free was abandoned."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_abandoned(paths: Iterator[Path], *, extra: tuple[str, ...] = ()) -> int:
+    """Delete each path (and ``path + suffix`` for each of ``extra``) that no live run holds:
+    what a backfill killed with SIGKILL left behind.  Returns how many were removed."""
+    removed = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live run's
+            os.close(fd)
+            continue
+        try:  # deleted while we hold the lock, so no new run can have taken it meanwhile
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for p in (path, *(Path(f"{path}{suffix}") for suffix in extra)):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            removed += 1
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("backfill.abandoned_temps_removed", count=removed)
+    return removed
+
+
 class _DbWriter:
     """One project's new DB, built under a temp name beside the target."""
 
     def __init__(self, target: Path, check: Callable[[Path], None] | None = None) -> None:
         self.check = check
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(target.parent.glob(f".{target.name}.*.tmp"), extra=("-journal",))
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
+        self.lock_fd = _hold(Path(tmp))
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; the umask decides, as for open()
         self.target, self.tmp = target, Path(tmp)
         self.rows = 0
@@ -268,6 +310,12 @@ class _DbWriter:
         for path in (self.tmp, Path(f"{self.tmp}-journal")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock_fd >= 0:  # once: the number may belong to another file afterwards
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def place(self) -> None:
         """Put the finished DB under its target name without ever replacing a file there."""
@@ -284,6 +332,7 @@ class _DbWriter:
             os.replace(self.tmp, self.target)
         else:
             self.tmp.unlink()
+        self._release()
         fsync_dir(self.target.parent)
 
 
@@ -637,25 +686,30 @@ def run_backfill(opts: BackfillOptions) -> Iterator[BackfillOutcome]:
     """Convert every input line; with ``execute`` place the new DBs.  Yields the outcome while
     its scratch state (the issue lists) is still open, for the report to stream from."""
     check_inputs(opts)
-    with tempfile.TemporaryDirectory(prefix="trainingd-backfill-") as scratch_dir:
-        run = _Run(opts, Path(scratch_dir))
+    scratch_root = Path(tempfile.gettempdir())
+    remove_abandoned(scratch_root.glob(f"{SCRATCH_PREFIX}*"))
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch_dir:
+        lock_fd = _hold(Path(scratch_dir))  # a run killed with SIGKILL leaves it unlocked
         try:
-            for path in opts.csv_paths:
-                run.read_file(path)
-            run.finish()
-        except (OSError, sqlite3.Error) as exc:  # the output side: disk full, read-only folder
-            run.abort()
-            run.scratch.close()
-            log.error("backfill.write_failed", error=f"{type(exc).__name__}: {exc}")
-            raise OutputFailedError(
-                f"writing the backfill output failed ({type(exc).__name__}: {exc}); the DBs "
-                "not yet placed were removed, and a re-run gives the same rows") from exc
-        except BaseException:
-            run.abort()
-            run.scratch.close()
-            raise
-        try:
-            yield run.out
+            run = _Run(opts, Path(scratch_dir))
+            try:
+                for path in opts.csv_paths:
+                    run.read_file(path)
+                run.finish()
+            except (OSError, sqlite3.Error) as exc:  # the output side: disk full, read-only
+                run.abort()
+                run.scratch.close()
+                log.error("backfill.write_failed", error=f"{type(exc).__name__}: {exc}")
+                raise OutputFailedError(
+                    f"writing the backfill output failed ({type(exc).__name__}: {exc}); the "
+                    "DBs not yet placed were removed, and a re-run gives the same rows") from exc
+            except BaseException:
+                run.abort()
+                run.scratch.close()
+                raise
+            try:
+                yield run.out
+            finally:
+                run.scratch.close()
         finally:
-            run.scratch.close()
-
+            os.close(lock_fd)
