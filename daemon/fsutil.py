@@ -13,6 +13,7 @@ setting it, which races with every other thread creating a file at that moment.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -53,19 +54,42 @@ def atomic_writer(path: Path, mode: str = "wb", *, sync_dir: bool = True) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # held until the rename: a temp file whose lock is free belongs to a killed writer
+        # (the kernel drops the lock however the process ends); see remove_abandoned_temps
+        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
             # the mode a plain open() would give, set before the name exists: never a 0600 output
             os.fchmod(fh.fileno(), file_mode())
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def remove_abandoned_temps(folder: Path) -> int:
+    """Delete the temp files of :func:`atomic_writer` in ``folder`` that no live writer holds
+    (left by a process killed mid-write); returns how many.  A live writer's are kept."""
+    removed = 0
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(tmp)  # while holding the lock: no writer can have taken it meanwhile
+            removed += 1
+        except OSError:  # locked by a live writer, or gone already
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

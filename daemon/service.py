@@ -43,7 +43,7 @@ import structlog
 
 from daemon import __version__
 from daemon.errors import ConfigError, StoreError
-from daemon.fsutil import atomic_write_text
+from daemon.fsutil import atomic_write_text, remove_abandoned_temps
 from daemon.health import Progress, describe_stall
 from daemon.jobs import Jobs
 from daemon.pipeline import Pipeline, image_roots_of
@@ -119,6 +119,11 @@ class Service:
         s = self.settings
         for folder in (s.decisions_dir, s.triggers_dir, s.summaries_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        # what a run killed mid-write left (a half plot, a half heartbeat): never read, so drop
+        swept = sum(remove_abandoned_temps(f) for f in (
+            s.summaries_dir, s.state_db.parent, s.triggers_dir / "done", s.triggers_dir / "failed"))
+        if swept:
+            log.info("service.abandoned_temps_removed", count=swept)
         # quick_check; a damaged state DB is moved aside and rebuilt; applies migrations
         self.store = StateStore.open_checked(s.state_db, rebuild=self._rebuild_state)
         self.queue = WorkQueue(s.watcher.settle_seconds, s.watcher.max_wait_seconds)
