@@ -636,3 +636,17 @@ class TestKilledRunLeavesNothing:
                    and children.read_text().strip() != "", 120, what="the training child")
         assert proc.kill()
         assert leftover_temps(home / "data", scratch=home / "tmp") == []
+
+    def test_abandoned_temp_is_removed_and_a_live_one_kept(self, tmp_path: Path) -> None:
+        """A temp file no writer holds is removed; one being written now is left alone and its
+        write completes."""
+        from daemon.fsutil import atomic_writer, remove_abandoned_temps
+
+        abandoned = tmp_path / ".daily_summary_2025-11-01.png.k3j2x.tmp"
+        abandoned.write_bytes(b"half a plot")
+        with atomic_writer(tmp_path / "report.json", "w") as fh:
+            fh.write('{"a": 1}')
+            assert remove_abandoned_temps(tmp_path) == 1
+            assert [p.name for p in tmp_path.glob(".report.json.*.tmp")] != []
+        assert not abandoned.exists() and leftover_temps(tmp_path) == []
+        assert json.loads((tmp_path / "report.json").read_text()) == {"a": 1}
