@@ -37,7 +37,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
@@ -46,16 +46,23 @@ from daemon.errors import ConfigError, StoreError
 from daemon.fsutil import atomic_write_text, remove_abandoned_temps
 from daemon.health import Progress, describe_stall
 from daemon.jobs import Jobs
+from daemon.logs import PrerenderedLine
 from daemon.pipeline import Pipeline, image_roots_of
 from daemon.sdnotify import Notifier
-from daemon.settings import Settings, load_settings
+from daemon.settings import Settings, changed_sections, check_input_folders, load_settings
 from daemon.store.db import StateStore
 from daemon.timeparse import iso_utc
 from daemon.triggers import TriggerBox
 from daemon.watcher import Watcher, WatchPlan
 from daemon.workqueue import Backoff, Task, WorkQueue
 
+if TYPE_CHECKING:
+    from daemon.metrics import LiveFacts
+
 log = structlog.get_logger("service")
+#: written from the SIGINT handler, where logging could deadlock (see daemon.logs)
+_SECOND_SIGINT = PrerenderedLine("service.second_sigint", "warning", "service", exit_code=130,
+                                 action="exiting now, without waiting for the current task")
 
 EXIT_HEALTH = 70  # EX_SOFTWARE: a thread died or work stalled; systemd restarts us
 #: failures of the environment, not of the input: worth a retry once space or access returns
@@ -97,6 +104,12 @@ class Service:
         #: how the process ends when the worker cannot be joined (a seam for in-process tests)
         self.hard_exit: Callable[[int], NoReturn] = os._exit
         self._old_handlers: dict[int, Any] = {}
+        from daemon.metrics import Listener, Metrics
+
+        # before the worker starts: it reports every finished task here (Documents/METRICS.md)
+        self.metrics = Metrics(lambda: self.settings, self._live_facts,
+                               started_at=self.started_at)
+        self.listener: Listener | None = None
 
     # -- signals (handlers only set flags) ------------------------------------------------------
 
@@ -104,7 +117,7 @@ class Service:
         if signum == signal.SIGINT:
             self.sigints += 1
             if self.sigints >= 2:
-                os.write(2, b"trainingd: second SIGINT, exiting now\n")
+                _SECOND_SIGINT.write()  # pre-rendered JSON, one os.write: no lock taken here
                 os._exit(130)
         self.stop_requested = True
         self.wake.set()
@@ -117,7 +130,10 @@ class Service:
 
     def run(self) -> int:
         s = self.settings
-        for folder in (s.decisions_dir, s.triggers_dir, s.summaries_dir):
+        # a typo'd decisions folder or image root: exit 78 (unless paths.create_missing)
+        for created in check_input_folders(s):
+            log.info("service.folder_created", folder=str(created), key="paths.create_missing")
+        for folder in (s.triggers_dir, s.summaries_dir):  # our own outputs
             folder.mkdir(parents=True, exist_ok=True)
         # what a run killed mid-write left (a half plot, a half heartbeat): never read, so drop
         swept = sum(remove_abandoned_temps(f) for f in (
@@ -141,6 +157,10 @@ class Service:
         self.jobs.start(s)
         self.worker = threading.Thread(target=self._work, name="worker", daemon=True)
         self.worker.start()
+        if s.metrics.listen:  # after every thread it reports on exists
+            from daemon.metrics import start_listener
+
+            self.listener = start_listener(self.metrics, s.metrics.listen)
         log.info("service.started", pid=os.getpid(), version=__version__,
                  config=str(self.config_path) if self.config_path else "embedded defaults",
                  data_root=str(s.data_root), projects=sorted(self.pipeline.projects()),
@@ -208,6 +228,7 @@ class Service:
             now = time.monotonic()
             if now >= next_beat:
                 self._write_heartbeat("paused" if self.pipeline.paused else "running")
+                self.metrics.write_textfile()
                 self.notifier.status(self._status_line())
                 next_beat = now + self.settings.service.heartbeat_seconds
             if deadline is not None and now >= deadline:
@@ -228,32 +249,43 @@ class Service:
 
     def _reload(self) -> None:
         """Load, start the new watcher, register the jobs, and only then let go of the old
-        ones: any failure on the way (not only a ConfigError) keeps the old configuration."""
+        ones: any failure on the way (not only a ConfigError) keeps the old configuration.
+        Only what changed is redone: the watcher when watched folders changed, the jobs when
+        schedules changed, the model only when its own settings changed (the pipeline)."""
         self.notifier.reloading()
         try:
             new = load_settings(self.config_path)
-            watcher = self._start_watcher(new)
+            changed = changed_sections(self.settings, new)
+            check_input_folders(new)
+            watcher = (self._start_watcher(new) if _watch_plan(new) != _watch_plan(self.settings)
+                       else None)
         except Exception as exc:  # RecursionError from a deep TOML, OSError, ... never fatal
             log.error("service.reload_failed", error=_reason(exc, 2000),
                       kind="config" if isinstance(exc, ConfigError) else "unexpected",
                       action="keeping the old config")
             self.notifier.ready(self._status_line())
             return
+        jobs_changed = _schedules(new) != _schedules(self.settings)
         try:
-            self.jobs.register(new)
+            if jobs_changed:
+                self.jobs.register(new)
         except Exception as exc:
-            watcher.stop(timeout=2.0)
+            if watcher is not None:
+                watcher.stop(timeout=2.0)
             log.error("service.reload_failed", error=_reason(exc, 2000), kind="unexpected",
                       action="keeping the old config")
             self._register_jobs_again()
             self.notifier.ready(self._status_line())
             return
-        self.watcher.stop()
-        self.watcher = watcher
+        if watcher is not None:
+            self.watcher.stop()
+            self.watcher = watcher
         self.settings = new
-        self.pending_settings = new  # the worker applies it between tasks
-        self.queue.put(Task("reconcile", urgent=True))
-        log.info("service.reloaded", config=str(self.config_path))
+        if changed:
+            self.pending_settings = new  # the worker applies it between tasks
+            self.queue.put(Task("reconcile", urgent=True))
+        log.info("service.reloaded", config=str(self.config_path), changed=changed,
+                 watcher_restarted=watcher is not None, jobs_registered=jobs_changed)
         self.notifier.ready(self._status_line())
 
     def _register_jobs_again(self) -> None:
@@ -278,6 +310,8 @@ class Service:
                 log.exception("service.stop_step_failed")
         self.worker.join(0.0 if self.stalled else
                          max(0.0, budget - (time.monotonic() - started)))
+        if self.listener is not None:
+            self.listener.stop()
         final = "stalled" if self.stalled else "stopped"
         if self.worker.is_alive():
             code = code or 1
@@ -360,6 +394,7 @@ class Service:
         finally:
             elapsed = time.monotonic() - (self.current_since or time.monotonic())
             self.current, self.current_since = None, None
+        self.metrics.task_finished(task.kind, task.project, ok, result, elapsed)
         if ok:
             self.tasks_done += 1
             attempts = self.backoff.succeeded(task.key)
@@ -424,6 +459,23 @@ class Service:
         return (f"{'paused' if self.pipeline.paused else 'running'}; queue {self.queue.depth()}; "
                 f"working: {current}; last event: {self.queue.last_event or '-'}")
 
+    def _live_facts(self, quiet_limit: float) -> LiveFacts:
+        """What the threads and the queue look like now, for /metrics and /healthz (called
+        from the listener's threads and the main loop: reads only, never waits on the worker)."""
+        from daemon.metrics import LiveFacts
+
+        current, since = self.current, self.current_since
+        return LiveFacts(
+            queue_by_kind=self.queue.depth_by_kind(),
+            current_kind=current.kind if current else None,
+            current_seconds=time.monotonic() - since if current and since else None,
+            quiet_seconds=self.progress.quiet_seconds() if current else 0.0,
+            no_progress=current is not None and self.progress.stalled(quiet_limit),
+            observer_alive=self.watcher.is_alive(), worker_alive=self.worker.is_alive(),
+            stalled=self.stalled, state_db_problem=self.store.check_file(),
+            paused=self.pipeline.paused,
+            embedding_disabled=self.pipeline.embedding_disabled is not None)
+
     def _write_heartbeat(self, state: str) -> None:
         doc = {
             "pid": os.getpid(), "version": __version__, "state": state,
@@ -443,11 +495,26 @@ class Service:
                                        if self.current else None),
             "embedding_disabled": self.pipeline.embedding_disabled,
             "config_file": str(self.config_path) if self.config_path else None,
+            # the model as the worker loaded it (status must not import torch to know it)
+            "model": self.pipeline.model.to_dict(),
+            "embedding_rate": self.pipeline.embed_rate.to_dict(),
         }
         try:
             atomic_write_text(heartbeat_path(self.settings), json.dumps(doc, indent=2) + "\n")
         except OSError as exc:
             log.warning("service.heartbeat_failed", error=str(exc))
+
+
+def _watch_plan(s: Settings) -> tuple[Any, ...]:
+    """What the watcher depends on: a reload restarts it only when this changed."""
+    return (s.decisions_dir, s.triggers_dir, sorted(image_roots_of(s).items()), s.watcher.observer,
+            s.watcher.polling_interval_seconds)
+
+
+def _schedules(s: Settings) -> tuple[Any, ...]:
+    """What the jobs depend on: a reload registers them again only when this changed."""
+    return (s.service.daily_summary_time, s.service.timezone, s.service.retrain_check_minutes,
+            s.watcher.reconcile_minutes)
 
 
 def _reason(exc: BaseException, limit: int = 500) -> str:
@@ -489,19 +556,21 @@ def read_heartbeat(settings: Settings) -> dict[str, Any] | None:
         pid, every = 0, 5.0
     alive = _pid_alive(pid)
     stale = age > 3 * every + 5
+    # health: one word a monitor can switch on (trainingd status turns it into its exit code)
     if doc.get("state") == "stopped":
-        doc["verdict"] = "stopped"
+        doc["verdict"], doc["health"] = "stopped", "stopped"
     elif not alive:
-        doc["verdict"] = "dead (process gone without a clean stop)"
+        doc["verdict"], doc["health"] = "dead (process gone without a clean stop)", "dead"
     elif stale:
-        doc["verdict"] = f"stale (no heartbeat for {age:.0f} s)"
+        doc["verdict"], doc["health"] = f"stale (no heartbeat for {age:.0f} s)", "stale"
     else:
         doc["verdict"] = doc.get("state", "running")
+        doc["health"] = "stalled" if doc["verdict"] == "stalled" else "running"
     return doc
 
 
 def _unknown_heartbeat(why: str) -> dict[str, Any]:
-    return {"verdict": f"unknown ({why})", "pid": None, "age_seconds": None,
+    return {"verdict": f"unknown ({why})", "health": "unknown", "pid": None, "age_seconds": None,
             "queue_depth": None, "current_task": None, "last_event": None, "tasks_done": None,
             "tasks_failed": None}
 

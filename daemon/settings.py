@@ -11,13 +11,22 @@ Precedence, highest first: environment (``TRAININGD_SECTION__KEY``), config file
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
@@ -41,6 +50,9 @@ class PathsSettings(_Section):
     cache_dir: Path | None = None  # default: <data_root>/ai_data/cache
     models_dir: Path | None = None  # default: <data_root>/ai_data/models
     triggers_dir: Path | None = None  # default: <data_root>/triggers
+    #: create a missing decisions folder or image root instead of refusing to start (exit 78):
+    #: for demos and first installs; off, a typo'd path is an error, not an empty project list
+    create_missing: bool = False
 
 
 class ValidationSettings(_Section):
@@ -157,6 +169,75 @@ class AuditSettings(_Section):
     max_rows_per_call: int = Field(50, ge=1, le=10_000)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``; ValueError says why.
+    Port 0 lets the kernel pick one (logged as ``metrics.listening``)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:9477)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{value!r}: port {number} is out of range 0-65535")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    """Only literal loopback addresses and ``localhost`` (no DNS lookup at config time)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics and the health endpoint (owned by the metrics room).  Reference:
+    Documents/METRICS.md.  Both outputs are off by default."""
+
+    #: "HOST:PORT" of the HTTP listener serving /metrics and /healthz; "" = no listener.
+    #: Loopback only unless allow_remote (the hardened unit has no network: METRICS.md)
+    listen: str = ""
+    allow_remote: bool = False  # let listen name a non-loopback address (exposes the data)
+    #: node_exporter textfile collector output, rewritten on every heartbeat; None = off
+    textfile: Path | None = None
+    cache_seconds: float = Field(5.0, ge=0, le=300)  # state-DB figures are re-read this often
+    #: /healthz answers 503 once the current task has made no progress for this long (the
+    #: probe sees trouble before the daemon restarts itself); default: service.stall_seconds / 2
+    healthz_quiet_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value.strip():
+            parse_listen(value)  # raises ValueError with the reason
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> MetricsSettings:
+        if self.listen and not self.allow_remote:
+            host, _ = parse_listen(self.listen)
+            if not is_loopback(host):
+                raise ValueError(
+                    f"metrics.listen {self.listen!r} is not a loopback address: /metrics and "
+                    "/healthz would be reachable from other machines; use 127.0.0.1:PORT, or "
+                    "set metrics.allow_remote = true if you mean it (Documents/METRICS.md)")
+        return self
+
+
+class SummarySettings(_Section):
+    """The daily summary (owned by the summary room)."""
+
+    #: at start, a day whose summary was missed (the daemon was down at its hour) is written
+    #: from the data, marked as written late, for at most this many days back; 0 = never
+    backfill_days: int = Field(7, ge=0, le=366)
+
+
 class ProjectSettings(_Section):
     """``[projects.<name>]``: optional per project; DBs found in the decisions folder are
     validated without one."""
@@ -182,6 +263,8 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     training: TrainingSettings = TrainingSettings()
     audit: AuditSettings = AuditSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    summary: SummarySettings = SummarySettings()
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -262,6 +345,56 @@ class Settings(BaseSettings):
         new = self.model_copy(update={"paths": paths})
         new._base_dir, new._config_file = self._base_dir, self._config_file
         return new
+
+
+def _folder_key(settings: Settings) -> str:
+    """How the decisions folder was configured, for a message a person can act on."""
+    if settings.paths.decisions_dir is not None:
+        return f"paths.decisions_dir = {str(settings.paths.decisions_dir)!r}"
+    return (f"paths.decisions_dir (unset: <data_root>/training/ai_training_decisions, "
+            f"paths.data_root = {str(settings.paths.data_root)!r})")
+
+
+def input_folders(settings: Settings, *, image_roots: bool = True) -> list[tuple[str, Path]]:
+    """The folders trainingd reads but does not own, each with the config key that names it."""
+    folders = [(_folder_key(settings), settings.decisions_dir)]
+    if image_roots:
+        for name, cfg in settings.projects.items():
+            folders.extend((f"projects.{name}.image_roots[{i}] = {str(root)!r}",
+                            settings.resolve(root)) for i, root in enumerate(cfg.image_roots))
+    return folders
+
+
+def check_input_folders(settings: Settings, *, image_roots: bool = True) -> list[Path]:
+    """Refuse a missing decisions folder or image root (a typo'd path would otherwise pass every
+    check with no projects), or create it when ``paths.create_missing`` says so.  Returns the
+    folders created; raises :class:`ConfigError` naming the key and the path."""
+    created: list[Path] = []
+    origin = str(settings.config_file) if settings.config_file else "embedded defaults"
+    for key, folder in input_folders(settings, image_roots=image_roots):
+        if folder.is_dir():
+            continue
+        if folder.exists() or folder.is_symlink():
+            raise ConfigError(f"config error: {origin}: {key}: {folder} is not a folder")
+        if not settings.paths.create_missing:
+            raise ConfigError(
+                f"config error: {origin}: {key}: no such folder {folder}; fix the path, or set "
+                "paths.create_missing = true to have it created")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"config error: {origin}: {key}: cannot create {folder}: "
+                              f"{exc.strerror or exc}") from exc
+        created.append(folder)
+    return created
+
+
+def changed_sections(old: Settings, new: Settings) -> list[str]:
+    """The top-level sections whose values differ (a reload acts on these only)."""
+    changed = [name for name in Settings.model_fields if getattr(old, name) != getattr(new, name)]
+    if old.base_dir != new.base_dir:  # relative paths now resolve elsewhere
+        changed += [n for n in ("paths", "embedding", "projects") if n not in changed]
+    return changed
 
 
 def _env_name(loc: tuple[Any, ...]) -> str:

@@ -161,3 +161,11 @@ class WorkQueue:
     def pending_kinds(self) -> list[str]:
         with self._cond:
             return sorted({k[0] for k in self._pending})
+
+    def depth_by_kind(self) -> dict[str, int]:
+        """Pending tasks per kind (the metrics room's queue-depth gauge)."""
+        with self._cond:
+            counts: dict[str, int] = {}
+            for key in self._pending:
+                counts[key[0]] = counts.get(key[0], 0) + 1
+            return counts
