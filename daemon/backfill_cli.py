@@ -1,7 +1,9 @@
 """``trainingd backfill``: the command-line face of :mod:`daemon.backfill`.
 
 Parses arguments, turns them and the settings into :class:`BackfillOptions`, runs the backfill,
-writes the inspection report and prints where everything went.  No conversion logic lives here.
+writes the inspection report and prints where everything went.  One progress bar (lines of all
+inputs, lines/s) on a terminal, ``backfill.progress`` records off one (:mod:`daemon.progress`).
+No conversion logic lives here.
 
 Exit codes: 0 done (rejected lines, and CSVs that cannot be read, are reported, not failures);
 2 bad arguments (a missing CSV, an output outside the data root or inside the decisions folder or
@@ -34,6 +36,7 @@ from daemon.backfill import (
     write_report,
 )
 from daemon.backfill.convert import PROJECT_RE, ProjectFrom, overlapping_windows
+from daemon.progress import progress
 from daemon.settings import Settings
 
 log = structlog.get_logger("backfill")
@@ -133,7 +136,8 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     now = datetime.now(UTC)
     try:
         opts = _options(args, settings)
-        with run_backfill(opts) as outcome:
+        with progress("backfill.progress", unit="line", desc="backfill") as report, \
+                run_backfill(opts, progress=report) as outcome:
             json_path, md_path = write_report(opts, outcome, settings.summaries_dir, now)
             totals = (outcome.converted, outcome.rejected)
             targets = dict(outcome.targets)

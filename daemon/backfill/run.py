@@ -461,8 +461,14 @@ def _read_lines(raw: BinaryIO) -> Iterator[tuple[int, list[str] | None, str | No
 
 
 class _Run:
-    def __init__(self, opts: BackfillOptions, scratch_dir: Path) -> None:
+    def __init__(self, opts: BackfillOptions, scratch_dir: Path,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.opts = opts
+        #: ``progress(lines read, lines in all inputs)``: a bar's figures, in physical lines
+        self.progress = progress
+        self.line_counts = {p: count_lines(p) for p in opts.csv_paths} if progress else {}
+        self.lines_total = sum(self.line_counts.get(p, 0) for p in opts.csv_paths)
+        self.lines_before = 0
         self.out = BackfillOutcome()
         self.scratch = sqlite3.connect(scratch_dir / "scratch.db", isolation_level=None)
         self.scratch.execute("PRAGMA journal_mode=OFF")
@@ -566,15 +572,23 @@ class _Run:
         try:
             summary.sha256 = sha256_of(raw)
             for line, fields, error in _read_lines(raw):
+                if self.progress is not None:
+                    self.progress(self.lines_before + line, self.lines_total)
                 if not self._read_line(summary, line, fields, error):
                     break
         except OSError as exc:  # EIO, a file truncated under us: what was read stays read
             self._unreadable(summary, line, f"reading it failed: {exc.strerror or exc}")
         finally:
             raw.close()
+            self._file_done(path)
         log.info("backfill.file_read", file=name, format=summary.format, lines=summary.lines,
                  converted=summary.converted, rejected=summary.rejected,
                  duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def _file_done(self, path: Path) -> None:
+        if self.progress is not None:
+            self.lines_before += self.line_counts.get(path, 0)
+            self.progress(min(self.lines_before, self.lines_total), self.lines_total)
 
     def _unreadable(self, summary: FileSummary, line: int, reason: str) -> None:
         summary.error = reason
@@ -681,17 +695,37 @@ def check_inputs(opts: BackfillOptions) -> None:
         raise TargetExistsError(opts.out)
 
 
+def count_lines(path: Path) -> int:
+    """Physical lines of a CSV, for a progress total (0 for anything that is not a readable
+    regular file: that input becomes an issue line when it is read)."""
+    try:
+        raw = open_regular(path)
+    except NotReadable:
+        return 0
+    lines, last = 0, b"\n"
+    try:
+        with raw:
+            for chunk in iter(lambda: raw.read(1 << 20), b""):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError:
+        return lines
+    return lines + (last != b"\n")
+
+
 @contextlib.contextmanager
-def run_backfill(opts: BackfillOptions) -> Iterator[BackfillOutcome]:
+def run_backfill(opts: BackfillOptions, *, progress: Callable[[int, int], None] | None = None
+                 ) -> Iterator[BackfillOutcome]:
     """Convert every input line; with ``execute`` place the new DBs.  Yields the outcome while
-    its scratch state (the issue lists) is still open, for the report to stream from."""
+    its scratch state (the issue lists) is still open, for the report to stream from.
+    ``progress(done, total)`` is called per line read, in physical lines of all inputs."""
     check_inputs(opts)
     scratch_root = Path(tempfile.gettempdir())
     remove_abandoned(scratch_root.glob(f"{SCRATCH_PREFIX}*"))
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch_dir:
         lock_fd = _hold(Path(scratch_dir))  # a run killed with SIGKILL leaves it unlocked
         try:
-            run = _Run(opts, Path(scratch_dir))
+            run = _Run(opts, Path(scratch_dir), progress)
             try:
                 for path in opts.csv_paths:
                     run.read_file(path)

@@ -1,9 +1,10 @@
 """``trainingd embed``: the command-line face of the embedding stage, and the coverage figures
 ``trainingd status`` shows.
 
-Parses arguments, scans the configured image roots, runs the stage (with a progress bar only
-when stderr is a terminal; never in daemon mode) or ``--verify``, and prints what happened.
-No extraction logic lives here.
+Parses arguments, scans the configured image roots, runs the stage or ``--verify``, and prints
+what happened.  Progress (:mod:`daemon.progress`): the model load is a phase, then one bar whose
+total is the files to read (``--limit`` or fewer) on a terminal, or ``embedding.progress``
+records off one; never in daemon mode.  No extraction logic lives here.
 
 Exit codes: 0 done (bad images are reported, not failures); 1 ``--verify`` found mismatches or
 the model could not be loaded; 2 bad arguments (unknown project, no image roots configured).
@@ -24,6 +25,7 @@ import structlog
 
 from daemon.embedding.ledger import META_EMBEDDER, Ledger
 from daemon.errors import EmbeddingError
+from daemon.progress import phase, progress
 from daemon.settings import Settings
 from daemon.store import StateStore
 
@@ -124,8 +126,11 @@ def _embed(args: argparse.Namespace, settings: Settings, store: StateStore) -> i
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         stage = EmbeddingStage(settings, store)
-        result = stage.run(candidates, limit=args.limit, progress=sys.stderr.isatty(),
-                           should_stop=lambda: stop["requested"])
+        with phase(f"loading {settings.embedding.model}"):
+            stage.embedder  # noqa: B018  (loads the model: 10-20 s of no visible work otherwise)
+        with progress("embedding.progress", unit="img", desc="embedding") as report:
+            result = stage.run(candidates, limit=args.limit, progress=report,
+                               should_stop=lambda: stop["requested"])
     except EmbeddingError as exc:
         log.error("embedding.failed", error=str(exc))
         print(f"embed: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -195,6 +196,10 @@ class OpenClipEmbedder:
 def load_embedder(cfg: EmbeddingSettings, *, weights_path: Path | None = None,
                   hf_cache_dir: Path | None = None) -> OpenClipEmbedder:
     """Build the configured model (paths already resolved by the caller's settings)."""
+    started = time.perf_counter()
+    # a phase of its own: importing torch and building the model takes 10-20 s on a small box
+    log.info("embedding.model_loading", model=cfg.model, pretrained=cfg.pretrained,
+             device=cfg.device)
     import open_clip
     import torch
 
@@ -232,6 +237,7 @@ def load_embedder(cfg: EmbeddingSettings, *, weights_path: Path | None = None,
         log.warning("embedding.random_weights", model=cfg.model, embedder_id=embedder_id,
                     hint='pretrained = "none": vectors are for tests and demos only')
     log.info("embedding.model_loaded", model=cfg.model, embedder_id=embedder_id, device=device,
-             precision=precision, dim=dim, weights=str(weights.path) if weights.path else None)
+             precision=precision, dim=dim, weights=str(weights.path) if weights.path else None,
+             seconds=round(time.perf_counter() - started, 2))
     return OpenClipEmbedder(model, preprocess, embedder_id=embedder_id, device=device,
                             precision=precision, image_size=image_size, dim=dim)

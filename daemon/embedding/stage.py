@@ -14,7 +14,6 @@ except in :func:`candidates_from_roots`, which the CLI uses.
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections import deque
@@ -126,10 +125,12 @@ class EmbeddingStage:
         return self._cache
 
     def run(self, candidates: Iterable[ImageCandidate], *, limit: int | None = None,
-            progress: bool = False, should_stop: Callable[[], bool] = lambda: False
-            ) -> EmbedResult:
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> EmbedResult:
         """Embed what is missing.  ``limit``: at most this many files are read (unchanged,
-        already-handled files do not count).  ``should_stop`` is polled between batches."""
+        already-handled files do not count).  ``progress(done, total)`` is called after each
+        batch with the files read so far and the files to read (a bar's figures: ``--limit``
+        or fewer).  ``should_stop`` is polled between batches."""
         start = time.perf_counter()
         emb, cache, cfg = self.embedder, self.cache, self.settings.embedding
         ordered = sorted(candidates, key=lambda c: c.priority)  # stable: 0 first
@@ -140,8 +141,12 @@ class EmbeddingStage:
         opts = DecodeOptions(side, cfg.jpeg_draft, cfg.max_image_pixels)
         workers = cfg.decode_workers or min(8, os.cpu_count() or 1)
         depth = cfg.batch_size * cfg.queue_batches
-        bar = _progress_bar(len(ordered)) if progress else None
-        jobs = self._plan(ordered, cache, tally, limit)
+        # planned up front (a stat and an indexed query per file): the work's size is known
+        planned = list(self._plan(ordered, cache, tally, limit))
+        jobs = iter(planned)
+        done = 0
+        if progress is not None:
+            progress(0, len(planned))
         stopped = False
         with ThreadPoolExecutor(workers, thread_name_prefix="embed-decode") as pool:
             inflight: deque[Future[Outcome]] = deque()
@@ -168,11 +173,10 @@ class EmbeddingStage:
                     decoded += outcome.kind == "decoded"
                 wait_ms = (time.perf_counter() - wait0) * 1000
                 issues.extend(self._finish(outcomes, tally, wait_ms))
-                if bar is not None:
-                    bar.update(tally["seen"] - bar.n)
+                done += len(outcomes)
+                if progress is not None:
+                    progress(done, len(planned))
             pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
-            bar.close()
         result = EmbedResult(**tally, stopped=stopped,
                              duration_s=time.perf_counter() - start, issues=tuple(issues))
         log.info("embedding.run_finished", embedder_id=emb.embedder_id, **result.to_dict())
@@ -303,11 +307,3 @@ def _issue(c: ImageCandidate, code: str, message: str) -> Issue:
     return Issue(code=code, severity=severity, project=c.project, db_file=str(c.path),
                  group_id=None, rowid=None, field="file", value_repr=repr(c.file_name),
                  message=message)
-
-
-def _progress_bar(total: int) -> Any:
-    try:
-        tqdm = importlib.import_module("tqdm").tqdm
-    except ImportError:  # the bar is a nicety; open_clip brings tqdm along
-        return None
-    return tqdm(total=total, unit="img", desc="embedding", smoothing=0.1)
