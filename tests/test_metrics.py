@@ -34,6 +34,7 @@ from tests.conftest import ReviewerDB
 from tests.daemon_harness import Daemon, wait_until, write_config
 from tests.embedding_helpers import make_images
 from tests.health_helpers import ROOT, Launched, release, tiny_embedding_toml
+from tests.test_systemd import clean_env, jailed, needs_jail
 
 DOCS = ROOT / "Documents"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -321,6 +322,48 @@ class TestHealthz:
             wait_until(lambda: get(port, "/healthz")[0] == 200, 60, "healthz 200 again")
         finally:
             release(blocker)
+            code = daemon.stop()
+        assert code == 0
+
+
+class _Jailed(Daemon):
+    """:class:`Daemon`, but run under trainingd.service's system call and socket rules."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log_path = config.parent / "daemon-jailed.log"
+        self.log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            jailed("trainingd.service", [sys.executable, "-m", "daemon", "run", "--config",
+                                         str(config), "--log-format", "json"]),
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=config.parent, env=clean_env())
+
+
+@pytest.mark.slow
+@needs_jail
+class TestHardenedUnit:
+    """Under trainingd.service's own rules (no AF_INET sockets) the textfile is the way."""
+
+    def test_refused_listener_is_logged_and_the_textfile_still_works(self, make_db: Any,
+                                                                      settings: Settings
+                                                                      ) -> None:
+        """socket(AF_INET) is refused by the unit's filter: metrics.listen_failed names the
+        drop-in, validation goes on, the textfile is written, SIGTERM exits 0."""
+        make_db().insert_many(5)
+        home = settings.base_dir
+        (home / "textfile").mkdir()
+        config = write_config(home / "config.toml", (
+            '[metrics]\nlisten = "127.0.0.1:9477"\ntextfile = "textfile/trainingd.prom"\n'))
+        daemon = _Jailed(config)
+        try:
+            failed = daemon.wait_event("metrics.listen_failed", timeout=120)
+            assert "METRICS.md" in failed["hint"] and failed["listen"] == "127.0.0.1:9477"
+            daemon.wait_event("validation.project_checked", timeout=60, project="mojo3")
+            textfile = home / "textfile" / "trainingd.prom"
+            wait_until(textfile.exists, 60, "the textfile")
+            _, samples = parse(textfile.read_text())
+            assert samples[("trainingd_healthy", ())] == 1
+        finally:
             code = daemon.stop()
         assert code == 0
 

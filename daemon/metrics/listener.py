@@ -33,7 +33,8 @@ _HINTS = {
     errno.EAFNOSUPPORT: "the systemd unit allows no network sockets "
                         "(RestrictAddressFamilies=AF_UNIX): add the drop-in of "
                         "Documents/METRICS.md, or use metrics.textfile instead",
-    errno.EPERM: "not permitted (a seccomp or address-family filter?): see Documents/METRICS.md",
+    errno.EPERM: "network sockets are not permitted here (the systemd unit's system call "
+                 "filter?): add the drop-in of Documents/METRICS.md, or use metrics.textfile",
     errno.EACCES: "ports below 1024 need privileges: choose a port above 1024",
     errno.EADDRNOTAVAIL: "no such address on this machine",
 }
