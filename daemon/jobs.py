@@ -2,8 +2,10 @@
 
 In-memory job store, jobs registered from config at start (and again on SIGHUP), each with
 ``coalesce=True`` and ``max_instances=1`` so a sleeping laptop or a long task never replays a
-backlog of runs.  Anything that must survive a restart (last training, label counters, the token
-ledger) lives in the state DB, not here.
+backlog of runs.  Days the daemon was down for are not a backlog to replay but data to write:
+:meth:`Jobs.start` enqueues one catch-up summary task (``summary.backfill_days``).  Anything
+that must survive a restart (last training, label counters, the token ledger) lives in the
+state DB, not here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Jobs:
         self.scheduler = BackgroundScheduler(timezone="UTC", daemon=True)
         self.scheduler.start()
         self.register(settings)
+        # a summary missed while the daemon was down past its hour is written now, from the
+        # data (only at start: a SIGHUP re-registers the jobs but misses no day)
+        if settings.summary.backfill_days > 0:
+            self.put(Task("summary", args=(("catch_up", True),), urgent=True))
 
     def register(self, settings: Settings) -> None:
         """(Re)register every job from ``settings``."""

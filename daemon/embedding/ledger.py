@@ -143,3 +143,31 @@ class Ledger:
         ):
             out.setdefault(project, {"seen": 0, "embedded": 0, "failed": 0})["failed"] = failed
         return out
+
+    def fates(self, embedder_id: str | None) -> dict[str, dict[str, int]]:
+        """Per project, every image file name ever seen (image index or stage), by what became
+        of it: ``embedded`` (a readable file whose bytes have a vector of ``embedder_id``),
+        ``failed`` (still present, only failed reads), ``waiting`` (still present, not embedded
+        yet) and ``lost`` (gone from every image root before it was embedded: its data is
+        lost).  A file counts once, in the first of those that applies; the summary's coverage
+        is ``embedded / total``, so a vanished image never counts as covered."""
+        out: dict[str, dict[str, int]] = {}
+        for project, embedded, failed, waiting, lost in self.store.conn.execute(
+            "WITH names AS (SELECT project, file_name FROM images "
+            "  UNION SELECT project, file_name FROM embed_files), "
+            "marked AS (SELECT n.project, "
+            "  EXISTS (SELECT 1 FROM embed_files f JOIN embeddings e ON e.sha256 = f.sha256 "
+            "    AND e.embedder_id = ? WHERE f.project = n.project AND f.file_name = n.file_name "
+            "    AND f.status = 'ok') AS embedded, "
+            "  EXISTS (SELECT 1 FROM images i WHERE i.project = n.project "
+            "    AND i.file_name = n.file_name AND i.gone_at IS NULL) AS present, "
+            "  EXISTS (SELECT 1 FROM embed_files f WHERE f.project = n.project "
+            "    AND f.file_name = n.file_name AND f.status = 'failed') AS failed "
+            "  FROM names n) "
+            "SELECT project, sum(embedded), sum(NOT embedded AND present AND failed), "
+            "sum(NOT embedded AND present AND NOT failed), sum(NOT embedded AND NOT present) "
+            "FROM marked GROUP BY project ORDER BY project", (embedder_id or "",),
+        ):
+            out[project] = {"embedded": int(embedded or 0), "failed": int(failed or 0),
+                            "waiting": int(waiting or 0), "lost": int(lost or 0)}
+        return out

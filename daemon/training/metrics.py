@@ -86,15 +86,18 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _box_figures(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
     if len(true) == 0:
-        return {"n": 0, "mean_iou": None, "median_iou": None, "mean_centre_distance": None,
-                "corners_within_0_05": None}
+        return {"n": 0, "mean_iou": None, "median_iou": None, "std_iou": None,
+                "mean_centre_distance": None, "corners_within_0_05": None}
     iou = box_iou(pred, true)
     cp = (pred[:, :2] + pred[:, 2:]) / 2
     ct = (true[:, :2] + true[:, 2:]) / 2
     centre = np.linalg.norm(cp - ct, axis=1)
     corners = np.all(np.abs(pred - true) <= CORNER_TOLERANCE, axis=1)
     return {"n": len(true), "mean_iou": float(iou.mean()),
-            "median_iou": float(np.median(iou)), "mean_centre_distance": float(centre.mean()),
+            "median_iou": float(np.median(iou)),
+            # the summary's t-interval of the mean IoU needs the spread (sample sd, ddof=1)
+            "std_iou": float(iou.std(ddof=1)) if len(iou) > 1 else None,
+            "mean_centre_distance": float(centre.mean()),
             "corners_within_0_05": float(corners.mean())}
 
 
