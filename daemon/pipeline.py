@@ -338,9 +338,15 @@ class Pipeline:
         return outcome.to_dict() if hasattr(outcome, "to_dict") else dict(vars(outcome))
 
     def _do_summary(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        from daemon.summary import write_daily_summary
+        from daemon.summary import write_daily_summary, write_missed_summaries
 
-        json_path, md_path = write_daily_summary(self.settings, self.store, self.clock())
+        if task.arg("catch_up"):
+            # at start: days missed while the daemon was down, written late from the data
+            written = write_missed_summaries(self.settings, self.store, self.clock(),
+                                             beat=self.progress.beat, should_stop=should_stop)
+            return {"written_late": [str(p) for p in written]}
+        json_path, md_path = write_daily_summary(self.settings, self.store, self.clock(),
+                                                 beat=self.progress.beat)
         return {"json": str(json_path), "markdown": str(md_path)}
 
     def _do_inspect(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
