@@ -126,6 +126,7 @@ class Soak:
     notes: list[str] = field(default_factory=list)
     lives: list[Incarnation] = field(default_factory=list)
     mounted: bool = False
+    kill_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -287,6 +288,7 @@ class Soak:
                 life.rss_warm = rss
 
     def kill_daemon(self) -> None:
+        self.kill_times.append(time.time())
         self.daemon.proc.send_signal(signal.SIGKILL)
         self.daemon.proc.wait(30)
         self.restarts["kill -9"] += 1
@@ -309,11 +311,11 @@ class Soak:
         disk = "not reached"
         kill_every = min(240.0, self.seconds / 3)
         schedule: list[tuple[float, str]] = sorted(
-            [(0.05, "bad_rows"), (0.10, "bad_triggers"), (0.15, "fifo"), (0.25, "disk_full"),
-             (0.45, "state_db_deleted"), (0.55, "bad_rows"), (0.80, "bad_rows")]
-            + [(k * kill_every / self.seconds, "kill")
+            [(0.05, "bad_rows"), (0.10, "bad_triggers"), (0.15, "fifo"), (0.20, "disk_full"),
+             (0.55, "state_db_deleted"), (0.60, "bad_rows"), (0.85, "bad_rows")]
+            + [(0.1 + k * kill_every / self.seconds, "kill")
                for k in range(1, int(self.seconds / kill_every) + 1)
-               if k * kill_every < 0.9 * self.seconds])
+               if 0.1 * self.seconds + k * kill_every < 0.9 * self.seconds])
         deleted_at: float | None = None
         try:
             while time.monotonic() - begin < self.seconds:
@@ -442,13 +444,15 @@ class Soak:
         errors = Counter(str(e.get("event")) for e in events if e.get("level") == "error")
         print(f"  error events over the run, by name: {dict(errors.most_common(8)) or '-'}")
 
-        print("\nstate DB deleted while running: expected detected and rebuilt:")
+        print("\nstate DB deleted while running: expected detected and rebuilt by the running "
+              "daemon (before any restart):")
         if deleted_at is not None:
+            until = min([t for t in self.kill_times if t > deleted_at], default=time.time())
             after = Counter(str(e.get("event")) for e in events
                             if (str(e.get("event", "")).startswith("store.")
                                 or "state" in str(e.get("event", "")))
-                            and _ts(e) >= deleted_at)
-            print(f"  store.* events after the deletion: {dict(after) or 'none'}")
+                            and deleted_at <= _ts(e) < until)
+            print(f"  store/state events before the next kill: {dict(after) or 'none'}")
             print(f"  state DB present at the end: {self.state_db.exists()}")
 
         print("\nrestarts:")
