@@ -1,7 +1,9 @@
 """The thin command line: parse arguments, load settings, call one room, print, exit.
 
-Exit codes of ``validate`` (``inspect`` alike, except that data errors do not fail it: its
-result is the report), the same table as in Documents/OPERATIONS.md::
+Exit codes of every command are in ONE table, Documents/OPERATIONS.md ("Exit codes"); that of
+``status`` follows LSB (0 running, 1 dead or hung, 3 not running, 4 unknown: daemon.status).
+Those of ``validate`` (``inspect`` alike, except that data errors do not fail it: its result is
+the report)::
 
     0   clean: no error-severity issue (warnings may exist)
     1   errors found in the data (a verdict, not a failure: the timer unit counts it a success)
@@ -10,7 +12,9 @@ result is the report), the same table as in Documents/OPERATIONS.md::
         (``project_check_failed``) or our own state DB failing; logged as a structured error
         with its traceback, never a bare traceback
     75  a source DB stayed locked by its writer for the whole retry budget (nothing else failed)
-    78  configuration: bad config.toml / environment, unknown ``--project``, missing ``--db``
+    78  configuration: bad config.toml / environment, unknown ``--project``, missing ``--db``,
+        a missing decisions folder (unless ``paths.create_missing``); ``run`` also a missing
+        image root
 
 A crash is a bug, never a verdict: no exception leaves ``main`` as Python's exit status 1.
 Logs go to stdout for the service and to stderr for one-shot commands, whose stdout carries
@@ -23,13 +27,11 @@ import argparse
 import json
 import os
 import shutil
-import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -39,7 +41,9 @@ from daemon.decisions.schema import project_name_from_db
 from daemon.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ConfigError, DaemonError, StoreError
 from daemon.logs import configure_logging
 from daemon.records import ProjectResult
-from daemon.settings import Settings, load_settings
+from daemon.settings import Settings, check_input_folders, load_settings
+from daemon.status import print_status as print_status  # re-exported: demo.py
+from daemon.status import status_document
 from daemon.store.db import StateStore
 from daemon.validation import ProjectSource, Validator, discover_projects
 
@@ -86,10 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="per-project validation figures")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", parents=[common], help="run the daemon for a while on a "
-                       "self-contained demo tree fed by the upstream simulator")
+    p = sub.add_parser("demo", parents=[common], help="run the daemon on a self-contained "
+                       "demo tree fed by the upstream simulator until its work is done")
     p.add_argument("--out", type=Path, help="demo tree (default: <data_root>/demo)")
-    p.add_argument("--seconds", type=float, default=30.0, help="how long the daemon runs")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="cap: the demo runs until its work is done, at most this long "
+                   "(default 600); hitting it names what was pending and exits 75")
     p.add_argument("--groups", type=int, default=40, help="groups the simulator reviews")
 
     from daemon.backfill_cli import add_backfill_parser
@@ -156,6 +162,10 @@ def _select_sources(settings: Settings, projects: list[str], dbs: list[Path]
         if missing:
             raise ConfigError(f"--db: no such file: {', '.join(missing)}")
         return [ProjectSource(project_name_from_db(p), p.resolve()) for p in dbs], True
+    # a typo'd decisions folder is a config error (78), not "no project DBs found" and exit 0;
+    # image roots are not checked here: validate never reads them (validate-only machines)
+    for created in check_input_folders(settings, image_roots=False):
+        log.info("cli.folder_created", folder=str(created), key="paths.create_missing")
     sources = discover_projects(settings)
     if projects:
         known = {s.project for s in sources}
@@ -267,127 +277,16 @@ def cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_INTERNAL if any(r.schema_kind == "failed" for r in results) else 0
 
 
-def status_document(settings: Settings) -> dict[str, Any]:
-    """Per-project figures from the state DB (read-only) plus projects not yet validated.
-
-    Creates, changes and leaves no file, so any user who can read the data folder may run it;
-    what it cannot read is named in ``problems`` instead of ending the command."""
-    projects: list[dict[str, Any]] = []
-    known: set[str] = set()
-    embedding: dict[str, dict[str, int]] = {}
-    embedder: str | None = None
-    audit: dict[str, Any] | None = None
-    problems: list[str] = []
-    try:
-        projects, known, embedding, embedder, audit = _state_figures(settings)
-    except StoreError as exc:
-        problems.append(f"state DB unreadable: {exc}")
-    try:
-        sources = discover_projects(settings)
-    except OSError as exc:
-        sources = []
-        problems.append(f"decisions folder unreadable: {exc}")
-    for src in sources:
-        if src.project not in known:
-            projects.append({"project": src.project, "db_file": str(src.db_path),
-                             "schema": None, "rows": None, "validated": 0, "errors": None,
-                             "warnings": None, "pending_crops": None, "last_check": None})
-    from daemon.service import read_heartbeat
-
-    return {"daemon": read_heartbeat(settings), "state_db": str(settings.state_db),
-            "decisions_dir": str(settings.decisions_dir), "projects": projects,
-            "embedder_id": embedder, "embedding_coverage": embedding, "audit_tokens": audit,
-            "problems": problems}
-
-
-def _state_figures(settings: Settings) -> tuple[list[dict[str, Any]], set[str],
-                                                 dict[str, dict[str, int]], str | None,
-                                                 dict[str, Any] | None]:
-    from daemon.embedding.cli import coverage
-    from daemon.training.audit import audit_budget
-
-    projects: list[dict[str, Any]] = []
-    known: set[str] = set()
-    embedding: dict[str, dict[str, int]] = {}
-    embedder: str | None = None
-    audit: dict[str, Any] | None = None
-    if settings.state_db.is_file():
-        store = StateStore(settings.state_db, read_only=True)
-        try:
-            embedding = coverage(store, settings)
-            embedder = store.get_meta("embedding.embedder_id")
-            audit = audit_budget(store, settings, datetime.now(UTC)).to_dict()
-            for cp in store.checkpoints():
-                counts = store.issue_counts(cp.project)
-                projects.append({
-                    "project": cp.project, "db_file": cp.db_path, "schema": cp.schema_kind,
-                    "rows": cp.row_count, **store.row_figures(cp.project),
-                    "errors": counts.get("error", 0), "warnings": counts.get("warning", 0),
-                    "last_check": cp.last_checked_at, "last_full_reconcile": cp.last_full_at,
-                })
-                known.add(cp.project)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"state DB {settings.state_db}: {exc}") from exc
-        finally:
-            store.close()
-    return projects, known, embedding, embedder, audit
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit 0 when everything could be read, 1 when something could not (named on stderr)."""
+    """LSB exit status (0 running, 1 dead or hung, 3 not running, 4 unknown): daemon.status."""
     if args.json:
         doc = status_document(settings)
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 1 if doc["problems"] else 0
+        for problem in doc["problems"]:
+            print(f"trainingd: {problem}", file=sys.stderr)
+        return int(doc["exit_code"])
     return print_status(settings)
-
-
-def print_status(settings: Settings) -> int:
-    doc = status_document(settings)
-    beat = doc["daemon"]
-    if beat is None:
-        print("daemon: not running (no heartbeat file)")
-    elif beat["pid"] is None:
-        print(f"daemon: {beat['verdict']}")
-    else:
-        print(f"daemon: {beat['verdict']} (pid {beat['pid']}, heartbeat {beat['age_seconds']} s "
-              f"ago, queue {beat['queue_depth']}, working: {beat['current_task'] or 'idle'}, "
-              f"last event: {beat['last_event'] or '-'}, tasks done {beat['tasks_done']}, "
-              f"failed {beat['tasks_failed']})")
-        if beat.get("embedding_disabled"):
-            print(f"embedding: DISABLED: {beat['embedding_disabled']}")
-    print(f"state: {doc['state_db']}")
-    print(f"decisions: {doc['decisions_dir']}")
-    header = ("project", "rows", "validated", "errors", "warnings", "pending crops", "last check")
-    rows = [header] + [
-        tuple("-" if p.get(k) is None else str(p.get(k)) for k in
-              ("project", "rows", "validated", "errors", "warnings", "pending_crops",
-               "last_check"))
-        for p in doc["projects"]
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    if not doc["projects"]:
-        print("no projects yet: put decision DBs in the decisions folder, then run "
-              "`trainingd validate`")
-    if doc["embedding_coverage"]:
-        embedder = doc["embedder_id"] or "none yet"
-        warn = "  (RANDOM WEIGHTS: demo/test only)" if "random-init" in embedder else ""
-        print(f"embeddings by {embedder}{warn} (images seen / embedded / failed):")
-        for project, c in doc["embedding_coverage"].items():
-            print(f"  {project}: {c.get('seen', 0)} / {c.get('embedded', 0)} / "
-                  f"{c.get('failed', 0)}")
-    audit = doc["audit_tokens"]
-    if audit and audit["enabled"]:
-        state = "PAUSED until tomorrow" if audit["paused"] else (
-            "WARNING: at the soft limit" if audit["warning"] else "ok")
-        print(f"audit tokens today: {audit['tokens_used']} / {audit['soft_limit']} "
-              f"({audit['calls']} calls): {state}")
-    for problem in doc["problems"]:
-        print(f"trainingd: {problem}", file=sys.stderr)
-    return 1 if doc["problems"] else 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -399,7 +298,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(f"--out: {root} is not empty and not an earlier demo; "
                               "choose another folder")
         shutil.rmtree(root)
-    return run_demo(root, seconds=args.seconds, groups=args.groups, marker=DEMO_MARKER)
+    return run_demo(root, max_seconds=args.max_seconds, groups=args.groups,
+                    marker=DEMO_MARKER)
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from daemon.embedding.lifecycle import EmbedRate, ModelState, needs_new_model
 from daemon.errors import DaemonError, EmbeddingError
 from daemon.health import Progress
 from daemon.images import ImageIndex, iter_files
@@ -55,12 +57,29 @@ class Pipeline:
         self._embedding: Any = None
         self.embedding_disabled: str | None = None
         self.recent_images: dict[str, set[str]] = {}
+        #: read by the service's heartbeat (main thread): replaced whole, never mutated
+        self.model = ModelState()
+        self.embed_rate = EmbedRate()
 
     def reconfigure(self, settings: Settings) -> None:
-        self.settings = settings
+        """Apply reloaded settings between tasks, keeping a loaded model whose own settings did
+        not change (a model load costs seconds; a new stage around it costs nothing)."""
+        old, self.settings = self.settings, settings
         self.validator = self._validator(settings)
+        if self._embedding is not None and not needs_new_model(old, settings):
+            if old.embedding != settings.embedding or old.cache_dir != settings.cache_dir:
+                from daemon.embedding.stage import EmbeddingStage
+
+                self._embedding = EmbeddingStage(settings, self.store,
+                                                 embedder=self._embedding.embedder)
+            log.info("embedding.model_kept", embedder_id=self.model.embedder_id)
+            return
+        if self._embedding is not None:
+            log.info("embedding.model_dropped", embedder_id=self.model.embedder_id,
+                     reason="embedding settings changed; loaded again when next needed")
         self._embedding = None
-        self.embedding_disabled = None
+        self.embedding_disabled = None  # a reload is the operator's retry of a failed load
+        self.model = ModelState(loads=self.model.loads)
 
     def _validator(self, settings: Settings) -> Validator:
         return Validator(self.store, settings, clock=self.clock, collect_images=True,
@@ -222,14 +241,27 @@ class Pipeline:
             try:
                 from daemon.embedding.stage import EmbeddingStage
 
+                started, loads = time.monotonic(), self.model.loads
+                self.model = ModelState("loading", since=iso_utc(datetime.now(UTC)),
+                                        loads=loads)
                 stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
                 # a cold start (disk, CUDA init) may take minutes: a bounded step, not a stall
                 self.progress.allow(MODEL_LOAD_SECONDS, "loading the embedding model")
                 _ = stage.embedder  # load now: missing weights must surface here, not later
                 self._embedding = stage
-                log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id)
+                from daemon.embedding.model import describe_device
+
+                self.model = ModelState(
+                    "loaded", since=iso_utc(datetime.now(UTC)),
+                    load_seconds=round(time.monotonic() - started, 3),
+                    embedder_id=stage.embedder.embedder_id,
+                    loads=loads + (self.embedder is None), device=describe_device(stage.embedder))
+                log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id,
+                         load_seconds=self.model.load_seconds, loads=self.model.loads)
             except (ImportError, EmbeddingError) as exc:
                 self.embedding_disabled = str(exc)
+                self.model = ModelState("failed", since=iso_utc(datetime.now(UTC)),
+                                        error=str(exc)[:2000], loads=self.model.loads)
                 log.error("embedding.stage_disabled", reason=str(exc))
         return self._embedding
 
@@ -255,11 +287,23 @@ class Pipeline:
         except EmbeddingError as exc:
             self.embedding_disabled = str(exc)
             self._embedding = None
+            self.model = ModelState("failed", since=iso_utc(datetime.now(UTC)),
+                                    error=str(exc)[:2000], loads=self.model.loads)
             log.error("embedding.stage_failed", error=str(exc))
             return {"error": str(exc)}
+        self._after_embed_run(stage, result)
         self.recent_images.clear()
         self._record_image_issues(result)
         return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+
+    def _after_embed_run(self, stage: Any, result: Any) -> None:
+        """The recent rate and the device's memory, for the heartbeat (status ETA and GPU)."""
+        self.embed_rate.add(int(getattr(result, "embedded", 0)),
+                            float(getattr(result, "duration_s", 0.0)))
+        if getattr(result, "embedded", 0):
+            from daemon.embedding.model import describe_device
+
+            self.model = self.model.with_device(describe_device(stage.embedder))
 
     def _record_image_issues(self, result: Any) -> None:
         """Bad images become issue records beside bad rows and sidecars (keyed by path), and

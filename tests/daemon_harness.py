@@ -17,9 +17,10 @@ Record = dict[str, Any]
 
 def write_config(path: Path, text: str = "", *, image_roots: dict[str, list[Path]] | None = None
                  ) -> Path:
-    lines = ['[paths]', 'data_root = "data"', "", "[watcher]", "settle_seconds = 0.2",
-             "max_wait_seconds = 1.0", "", "[service]", "heartbeat_seconds = 0.5",
-             "shutdown_budget_seconds = 10", "", text]
+    # the daemon tests start on an empty tree: the decisions folder is made for them
+    lines = ['[paths]', 'data_root = "data"', "create_missing = true", "", "[watcher]",
+             "settle_seconds = 0.2", "max_wait_seconds = 1.0", "", "[service]",
+             "heartbeat_seconds = 0.5", "shutdown_budget_seconds = 10", "", text]
     for project, roots in (image_roots or {}).items():
         lines += [f"[projects.{project}]",
                   "image_roots = [" + ", ".join(json.dumps(str(r)) for r in roots) + "]"]

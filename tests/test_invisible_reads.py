@@ -482,7 +482,7 @@ class TestReadOnlyStateStore:
         proc = subprocess.run(
             [*as_user(NOBODY, NOBODY), sys.executable, "-m", "daemon", "status", "--json"],
             capture_output=True, text=True, timeout=120, env=env, cwd=shared_tmp)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 3, proc.stderr  # no daemon: LSB "not running"
         (project,) = json.loads(proc.stdout)["projects"]
         assert (project["project"], project["rows"], project["validated"]) == ("mojo3", 5, 5)
         assert folder_state(settings.state_db.parent) == before

@@ -241,3 +241,64 @@ def load_embedder(cfg: EmbeddingSettings, *, weights_path: Path | None = None,
              seconds=round(time.perf_counter() - started, 2))
     return OpenClipEmbedder(model, preprocess, embedder_id=embedder_id, device=device,
                             precision=precision, image_size=image_size, dim=dim)
+
+
+def describe_device(embedder: object) -> dict[str, Any]:
+    """What ``trainingd status`` shows of the device the model runs on: name, precision and
+    memory (bytes).  Called on the worker thread after a load or a run, never by ``status``
+    (which must not import torch); every fact that cannot be read is ``None``, never raised."""
+    device = getattr(embedder, "device", None)
+    facts: dict[str, Any] = {"device": None if device is None else str(device),
+                             "precision": getattr(embedder, "precision", None),
+                             "device_name": None, "memory_total_bytes": None,
+                             "memory_used_bytes": None, "memory_process_bytes": None}
+    if device is None:
+        return facts
+    try:
+        if str(device).startswith("cuda"):
+            facts.update(_cuda_facts(str(device)))
+        elif str(device) == "cpu":
+            facts.update(_cpu_facts())
+        elif str(device) == "mps":
+            import torch
+
+            facts["device_name"] = "Apple MPS"
+            facts["memory_process_bytes"] = int(torch.mps.current_allocated_memory())
+    except Exception as exc:  # a driver hiccup must not cost the heartbeat
+        log.warning("embedding.device_facts_failed", device=str(device), error=repr(exc)[:300])
+    return facts
+
+
+def _cuda_facts(device: str) -> dict[str, Any]:
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
+    return {"device_name": torch.cuda.get_device_name(index), "memory_total_bytes": int(total),
+            "memory_used_bytes": int(total - free),
+            "memory_process_bytes": int(torch.cuda.memory_reserved(index))}
+
+
+def _cpu_facts() -> dict[str, Any]:
+    import platform
+
+    name = platform.processor() or None
+    meminfo: dict[str, int] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name")), name)
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                meminfo[key] = int(rest.split()[0]) * 1024
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = None
+    total = meminfo.get("MemTotal")
+    available = meminfo.get("MemAvailable")
+    return {"device_name": name or "CPU", "memory_total_bytes": total,
+            "memory_used_bytes": total - available if total and available else None,
+            "memory_process_bytes": rss}
