@@ -95,3 +95,20 @@ class TestCounters:
         assert json.dumps(store.conn.execute(
             "SELECT count(*) FROM training_marks").fetchall()) == "[[0]]"
 
+
+
+class TestAbandonedRuns:
+    """A run killed before it recorded its end does not stay ``running`` for ever."""
+
+    def test_old_running_rows_are_closed_as_abandoned(self, store: StateStore) -> None:
+        """At a new start, a same-kind run older than the timeout becomes ``abandoned``; a
+        recent one (it may still be alive) and the other kind's are left alone."""
+        from daemon.training.policy import record_run_start
+
+        killed = record_run_start(store, "ranker", NOW - timedelta(hours=3), 10)
+        recent = record_run_start(store, "ranker", NOW - timedelta(minutes=5), 10)
+        other = record_run_start(store, "crop", NOW - timedelta(hours=3), 10)
+        new = record_run_start(store, "ranker", NOW, 10, abandon_after=timedelta(minutes=60))
+        status = dict(store.conn.execute("SELECT id, status FROM training_runs").fetchall())
+        assert status == {killed: "abandoned", recent: "running", other: "running",
+                          new: "running"}

@@ -99,8 +99,19 @@ def retrain_decision(store: StateStore, settings: Settings, kind: Kind,
                   now, settings.training)
 
 
-def record_run_start(store: StateStore, kind: Kind, now: datetime, new_labels: int) -> int:
+def record_run_start(store: StateStore, kind: Kind, now: datetime, new_labels: int, *,
+                     abandon_after: timedelta | None = None) -> int:
+    """Record a run as ``running``.  With ``abandon_after``, earlier runs of ``kind`` still
+    ``running`` that started longer ago than that (a run is killed at its timeout, so no live
+    run is that old) are closed as ``abandoned``: a kill -9 or a power cut left them open."""
     with store.transaction() as conn:
+        if abandon_after is not None:
+            conn.execute(
+                "UPDATE training_runs SET status = 'abandoned', finished_at = ?, reason = ? "
+                "WHERE kind = ? AND status = 'running' AND started_at < ?",
+                (iso_utc(now), "no end was recorded within training.timeout_minutes: the "
+                 "process was killed (kill -9, OOM, power cut)", kind,
+                 iso_utc(now - abandon_after)))
         cur = conn.execute(
             "INSERT INTO training_runs (kind, started_at, status, new_labels) "
             "VALUES (?, ?, 'running', ?)", (kind, iso_utc(now), new_labels))

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,7 +170,9 @@ def train_model(settings: Settings, kind: Kind, *, force: bool = False,
         if not force and not decision.due:
             return TrainOutcome(kind=kind, status="not_due", reason=decision.reason)
         marks = policy.label_keys(store, kind)
-        run_id = policy.record_run_start(store, kind, now(), decision.new_labels)
+        run_id = policy.record_run_start(
+            store, kind, now(), decision.new_labels,
+            abandon_after=timedelta(minutes=settings.training.timeout_minutes))
         log.info("training.started", kind=kind, forced=force, reason=decision.reason,
                  new_labels=decision.new_labels, isolated=vectors is None)
         try:
