@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# e.g. make demo DEMO_ARGS="--max-seconds 1200" on a slow machine (trainingd demo --help)
+DEMO_ARGS ?=
 
 .PHONY: demo test lint bench clean
 
@@ -13,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/trainingd demo
+	$(BIN)/trainingd demo $(DEMO_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check daemon tests bench
