@@ -67,6 +67,7 @@ DEMO_CONFIG = """\
 #   trainingd run --config {config}
 [paths]
 data_root = "."
+create_missing = true   # the demo makes its folders; a real config leaves this false
 
 [watcher]
 settle_seconds = 0.2
