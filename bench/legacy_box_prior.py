@@ -6,7 +6,7 @@ rows, duplicates (same chosen image) and unusable lines, splits by a stable hash
 key exactly like training does, trains the crop network on ``[w/2048, h/2048, stage/3]`` and
 prints its holdout IoU beside the full-frame and mean-box baselines.
 
-    .venv/bin/python bench/legacy_box_prior.py [../shared/legacy/select_crop_log.csv]
+    .venv/bin/python bench/legacy_box_prior.py [PATH/TO/select_crop_log.csv]
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from daemon.settings import TrainingSettings
 from daemon.training.dataset import CropData
 from daemon.training.split import in_holdout
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared/legacy/select_crop_log.csv"
+# the shipped subset; pass the full legacy crop log where a copy is at hand
+DEFAULT = (Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "legacy"
+           / "select_crop_log_subset.csv")
 FULL_TOL = 0.001
 
 
