@@ -1,8 +1,9 @@
 """Backfill speed and memory: rows/s on the real crop log, and peak RSS flat as the input grows.
 
-Prints (1) rows/s for converting the legacy crop log (the shipped subset by default) with --execute into a temp
-folder and (2) the peak RSS of a backfill of a synthetic 1,000,000-line crop CSV against a
-100,000-line one, each run in its own subprocess, with their ratio (target: ~1.0, streaming).
+Prints (1) rows/s for converting the legacy crop log (the shipped subset by default) with
+--execute into a temp folder and (2) the peak RSS of a backfill of a synthetic 1,000,000-line
+crop CSV against a 100,000-line one, each run in its own subprocess, with their ratio
+(target: ~1.0, streaming).
 Not part of the test suite; takes a couple of minutes.  Usage: ``python bench/backfill_bench.py``.
 """
 
