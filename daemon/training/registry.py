@@ -19,9 +19,14 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy stays out of the start-up path of status
+    import numpy as np
 
 from daemon.fsutil import atomic_write_bytes, atomic_write_text
 from daemon.timeparse import iso_utc
@@ -185,3 +190,79 @@ def promotion_decision(kind: str, report: dict[str, Any], champion_report: dict[
                       f"{champ if champ is not None else float('nan'):.4f}")
     note = f" ({champion_note})" if champion_note else " (no champion yet)"
     return True, f"{metric} {score:.4f} beats the baseline's {base:.4f}{note}"
+
+
+# -- promotion on evidence (issue 12) -------------------------------------------------------------
+
+UNITS_SUFFIX = "_units.json"
+
+
+def units_path(models_dir: Path, kind: str, version: int) -> Path:
+    """Beside the model: the digests of every group it trained on or was selected on."""
+    return models_dir / f"{PREFIX[kind]}_v{version}{UNITS_SUFFIX}"
+
+
+def write_units(models_dir: Path, kind: str, version: int, seen_groups: Iterable[str],
+                split: dict[str, Any]) -> Path:
+    """Record the groups (train + validation sides, as ``units.key_digest``) a model saw."""
+    from daemon.training.units import key_digest
+
+    path = units_path(models_dir, kind, version)
+    digests = sorted({key_digest(k) for k in seen_groups})
+    atomic_write_text(path, json.dumps({"split": split, "seen_group_digests": digests}) + "\n")
+    return path
+
+
+def read_units(models_dir: Path, kind: str, version: int
+               ) -> tuple[frozenset[str], dict[str, Any]] | None:
+    """``(seen group digests, split)`` of a model, or None when it recorded none (older)."""
+    try:
+        data = json.loads(units_path(models_dir, kind, version).read_text(encoding="utf-8"))
+        return frozenset(str(d) for d in data["seen_group_digests"]), dict(data["split"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ChampionEvidence:
+    """The champion's per-test-item scores (aligned with the challenger's ``test_keys``; NaN
+    where it could not be scored) and what it saw (``read_units``); None seen = unknown."""
+
+    version: int
+    scores: np.ndarray
+    seen: frozenset[str] | None
+    split: dict[str, Any] | None
+
+
+@dataclass
+class PromotionDecision:
+    """Whether to promote, why, and the evidence: every paired comparison made."""
+
+    promoted: bool
+    reason: str
+    metric: str
+    n_test: int
+    best_baseline: str | None = None
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    champion_compared_on: int | None = None
+    champion_excluded_seen: int = 0
+    split_changed: bool = False
+    flags: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_promotion(kind: str, challenger: np.ndarray, test_keys: Sequence[str],
+                     baselines: Mapping[str, np.ndarray], champion: ChampionEvidence | None, *,
+                     alpha: float, min_test: int, split: dict[str, Any],
+                     blockers: Sequence[str] = (), champion_note: str = "",
+                     seed: int = 0) -> PromotionDecision:
+    """Promote only a challenger that beats the best baseline and the champion, paired on the
+    same test items (``daemon.training.evidence``), on at least ``min_test`` items.
+
+    ``challenger`` and every ``baselines[name]`` are per-test-item scores aligned with
+    ``test_keys`` (group keys ``project/group_id``): 0/1 hits for the ranker, IoU for crops.
+    The best baseline is the one with the highest mean.  The champion is compared only on test
+    items whose group it never saw; a champion trained under another split is flagged."""
+    raise NotImplementedError  # filled in by the next commit
