@@ -2,7 +2,9 @@
 connection still open while trainingd reads, rows UPDATEd later), and isolated settings.
 
 Every file a test reads comes from the checkout (``fixture_path``: ``tests/fixtures/``, see its
-README) or from a temp dir; a test that opens anything beside the checkout fails (outside_guard).
+README) or from a temp dir; a test that opens anything beside the checkout fails (outside_guard),
+and so does one that leaves a thread or a child process running, or a SIGTERM/SIGINT/SIGHUP
+handler changed (leak_guard).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from daemon.settings import Settings, load_settings
 from daemon.store import StateStore
 from daemon.validation import Validator
 from tests import outside_guard
+from tests.leak_guard import _nothing_left_running  # noqa: F401  (autouse: every test is guarded)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NOW = datetime(2025, 11, 1, 12, 0, 0, tzinfo=UTC)
