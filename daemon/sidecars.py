@@ -32,6 +32,7 @@ import structlog
 
 from daemon.codes import SEVERITY
 from daemon.decisions.checks import safe_repr
+from daemon.files import DELETE_STAGING, find_image_beside
 from daemon.records import Issue, Sidecar
 
 log = structlog.get_logger("sidecars")
@@ -39,7 +40,6 @@ log = structlog.get_logger("sidecars")
 #: Sidecars are a few hundred bytes; anything bigger is not one and is not read whole.
 MAX_SIDECAR_BYTES = 1024 * 1024
 SUFFIX = ".decision"
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
 #: Folder name -> role.  Current names first, then the names older projects use.
 FOLDER_ROLES: dict[str, str] = {
@@ -51,7 +51,7 @@ FOLDER_ROLES: dict[str, str] = {
     "crop_cropped": "cropped",
     "__selected": "selected",
     "selected": "selected",
-    "__delete_staging": "delete_staging",
+    DELETE_STAGING: "delete_staging",
 }
 ROLES: tuple[str, ...] = ("crop", "crop_auto", "cropped", "selected", "delete_staging", "source")
 
@@ -105,10 +105,9 @@ def crop_state(sidecar: Sidecar) -> CropState:
     return "elsewhere"
 
 
-def image_candidates(sidecar: Sidecar) -> list[Path]:
-    """Where a kind A sidecar's image should be: same folder, same stem, any image suffix."""
-    folder = sidecar.path.parent
-    return [folder / f"{sidecar.image_stem}{suffix}" for suffix in IMAGE_SUFFIXES]
+def image_beside(sidecar: Sidecar) -> Path | None:
+    """A kind A sidecar's image: same folder, same stem, any image suffix in any case."""
+    return find_image_beside(sidecar.path.parent, sidecar.image_stem)
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -358,7 +357,7 @@ def check_sidecar_link(sidecar: Sidecar, *, row_exists: bool, row_project: str |
 
     ``row_exists``: a row with the sidecar's group_id exists (in ``row_project``'s DB);
     ``image_present``: (kind A) an image with the sidecar's stem sits in the same folder (see
-    :func:`image_candidates`); ``expected_project``: the project configured for the image root.
+    :func:`image_beside`); ``expected_project``: the project configured for the image root.
 
     All findings here are warnings: the sidecar's row, if any, is judged by its own checks.
     Kind A: ``sidecar_orphan`` (no row), ``sidecar_image_missing``, ``sidecar_project_mismatch``

@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from daemon.decisions.schema import create_v3_db
+from daemon.files import DELETE_STAGING
 from daemon.fsutil import atomic_write_bytes, atomic_write_text
 from daemon.sample import INSERT_SQL, STAGE_NAMES, row_tuple
 
@@ -59,8 +60,7 @@ HIGHEST_STAGE_RATE = 0.976
 #: Images of group n are "generated" at FILE_EPOCH + n * 7 minutes: names are unique per DB.
 FILE_EPOCH = datetime(2025, 7, 1, 8, 0, 0)
 
-SELECTED, CROP, CROP_AUTO, CROPPED, DELETE_STAGING = (
-    "__selected", "__crop", "__crop_auto", "__cropped", "__delete_staging")
+SELECTED, CROP, CROP_AUTO, CROPPED = ("__selected", "__crop", "__crop_auto", "__cropped")
 
 
 def _iso(moment: datetime) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from daemon.decisions.schema import is_live_db_name, project_name_from_db
-from daemon.images import IMAGE_SUFFIXES
+from daemon.files import IMAGE_SUFFIXES
 from daemon.workqueue import Task
 
 log = structlog.get_logger("watcher")

@@ -18,8 +18,8 @@ import pytest
 
 from daemon.backfill.run import ImageSizer
 from daemon.embedding.decode import DecodeOptions, Job, prepare
+from daemon.files import NotRegularFileError, read_regular, sha256_file
 from daemon.health import Progress, describe_stall
-from daemon.images import NotRegularFileError, read_regular, sha256_regular
 from daemon.records import ImageCandidate
 from daemon.sample import write_sample_project
 from daemon.settings import Settings
@@ -105,7 +105,7 @@ class TestRegularFilesOnly:
     def test_hashing_a_fifo_raises_instead_of_blocking(self, fifo: Path) -> None:
         """The one image-hash helper (used by `trainingd embed --verify`) refuses a FIFO."""
         with pytest.raises(NotRegularFileError, match="FIFO"):
-            sha256_regular(fifo)
+            sha256_file(fifo)
 
     def test_backfill_size_lookup_skips_a_fifo(self, fifo: Path) -> None:
         """The backfill's image-size lookup answers without a size for a FIFO, at once."""

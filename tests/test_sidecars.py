@@ -21,7 +21,7 @@ from daemon.sidecars import (
     check_sidecar_link,
     crop_state,
     folder_role,
-    image_candidates,
+    image_beside,
     parse_sidecar,
 )
 from tests.conftest import fixture_path
@@ -303,13 +303,17 @@ class TestCropState:
         """Kind A in the crop folders needs a crop, in the cropped folder is done; B is a group."""
         assert crop_state(sidecar(kind, role)) == state
 
-    def test_image_candidates_are_beside_the_sidecar(self) -> None:
+    def test_image_is_found_beside_the_sidecar(self, tmp_path: Path) -> None:
         """The image of a kind A sidecar is looked for in its own folder, any image suffix."""
-        s = sidecar("A", "crop")
-        assert [p.name for p in image_candidates(s)] == [
-            "20250709_101500_stage2_upscaled.png", "20250709_101500_stage2_upscaled.jpg",
-            "20250709_101500_stage2_upscaled.jpeg"]
-        assert {p.parent for p in image_candidates(s)} == {ROOT / "__crop"}
+        folder = tmp_path / "__crop"
+        folder.mkdir()
+        s = Sidecar(path=folder / "x.decision", kind="A", group_id="g", project_id="p",
+                    folder_role="crop", image_stem="20250709_101500_stage2_upscaled", fields={})
+        assert image_beside(s) is None
+        (tmp_path / "20250709_101500_stage2_upscaled.png").touch()  # not its folder
+        assert image_beside(s) is None
+        (folder / "20250709_101500_stage2_upscaled.JPEG").touch()
+        assert image_beside(s) == folder / "20250709_101500_stage2_upscaled.JPEG"
 
 
 class TestLinks:

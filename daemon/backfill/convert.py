@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from daemon.files import DELETE_STAGING_FOLDERS
 from daemon.images import parse_stage
 from daemon.timeparse import iso_utc, parse_timestamp
 
@@ -32,8 +33,8 @@ MAX_DIMENSION = 1_000_000
 
 #: Workflow folders relative to a project's image root (data contract section 2): never a project.
 WORKFLOW_FOLDERS = frozenset({
-    "crop", "crop_auto", "crop_cropped", "cropped", "selected", "delete_staging",
-    "__crop", "__crop_auto", "__cropped", "__selected", "__delete_staging",
+    "crop", "crop_auto", "crop_cropped", "cropped", "selected",
+    "__crop", "__crop_auto", "__cropped", "__selected", *DELETE_STAGING_FOLDERS,
 })
 PROJECT_MARKER = "training data"
 PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")

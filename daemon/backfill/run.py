@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import hashlib
 import io
 import os
 import re
 import shutil
 import sqlite3
-import stat
 import tempfile
 import time
 from collections import Counter
@@ -50,8 +48,9 @@ from daemon.backfill.convert import (
 from daemon.codes import SEVERITY
 from daemon.decisions.schema import COLUMNS, create_v3_db
 from daemon.errors import DaemonError
+from daemon.files import NotRegularFileError, is_image_name, sha256_stream
+from daemon.files import open_regular as open_fd
 from daemon.fsutil import file_mode, fsync_dir
-from daemon.images import IMAGE_SUFFIXES
 from daemon.sample import INSERT_SQL
 
 log = structlog.get_logger("backfill")
@@ -197,7 +196,7 @@ class ImageSizer:
             for folder, dirs, files in os.walk(root):
                 dirs.sort()  # first match in a sorted walk: deterministic
                 for name in sorted(files):
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    if is_image_name(name):
                         found.setdefault(name, Path(folder) / name)
             self._index[root] = found
         return found
@@ -353,48 +352,16 @@ class NotReadable(Exception):
     """A path that is not a regular readable file; the message says what it is instead."""
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"))
-
-
-def _what(mode: int) -> str:
-    return next((what for test, what in _KINDS if test(mode)), f"a file of mode {mode:o}")
-
-
 def open_regular(path: Path, *, follow_links: bool = True) -> BinaryIO:
-    """``path`` open for reading, which must be a regular file.  A stat first, so a FIFO or a
-    device is never opened; ``O_NONBLOCK`` and an ``fstat`` of the descriptor, so one swapped
-    in meanwhile is caught too.  A CSV may be a link (the operator named it); an image found
-    in an image root may not (``follow_links=False``)."""
+    """``path`` open for reading through :func:`daemon.files.open_regular` (never a FIFO or a
+    device), with the reason as a :class:`NotReadable`.  A CSV may be a link (the operator
+    named it); an image found in an image root may not (``follow_links=False``)."""
     try:
-        st = os.stat(path) if follow_links else os.lstat(path)
-    except OSError as exc:
-        raise NotReadable(f"cannot stat it: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise NotReadable(f"it is {_what(st.st_mode)}, not a regular file")
-    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-             | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0)))
-    try:
-        fd = os.open(path, flags)
+        return os.fdopen(open_fd(path, follow_links=follow_links), "rb")
+    except NotRegularFileError as exc:
+        raise NotReadable(f"it is {exc.what}, not a regular file") from None
     except OSError as exc:
         raise NotReadable(f"cannot open it: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotReadable(f"it is {_what(st.st_mode)}, not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
-
-
-def sha256_of(fh: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: fh.read(1 << 20), b""):
-        digest.update(chunk)
-    fh.seek(0)
-    return digest.hexdigest()
 
 
 def target_for(opts: BackfillOptions, project: str) -> Path:
@@ -570,7 +537,7 @@ class _Run:
             return
         line = 0
         try:
-            summary.sha256 = sha256_of(raw)
+            summary.sha256 = sha256_stream(raw)
             for line, fields, error in _read_lines(raw):
                 if self.progress is not None:
                     self.progress(self.lines_before + line, self.lines_total)

@@ -10,7 +10,6 @@ torch and open_clip are imported inside functions: ``trainingd status`` must not
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from daemon.errors import EmbeddingError
+from daemon.files import sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,14 +81,6 @@ def pick_precision(preference: str, device: str) -> str:
     if preference != "auto":
         return preference
     return "fp16" if device in ("cuda", "mps") else "fp32"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_weights(cfg: EmbeddingSettings, weights_path: Path | None,
@@ -207,7 +199,7 @@ def load_embedder(cfg: EmbeddingSettings, *, weights_path: Path | None = None,
     device = pick_device(cfg.device, cuda=torch.cuda.is_available(),
                          mps=torch.backends.mps.is_available())
     precision = pick_precision(cfg.precision, device)
-    digest = file_sha256(weights.path) if weights.path is not None else None
+    digest = sha256_file(weights.path, follow_links=True) if weights.path is not None else None
     kwargs: dict[str, Any] = {}
     pcfg = weights.pretrained_cfg
     if pcfg.get("quick_gelu"):

@@ -22,18 +22,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
 
 from daemon.codes import CODES
 from daemon.embedding.cache import VectorCache
-from daemon.embedding.decode import DecodeOptions, Job, Outcome, configure_pillow, prepare
+from daemon.embedding.decode import (
+    PILLOW,
+    DecodeOptions,
+    Job,
+    Outcome,
+    PngDecoder,
+    configure_pillow,
+    prepare,
+)
 from daemon.embedding.ledger import FileRow, Ledger, VectorRow
 from daemon.embedding.model import Embedder, load_embedder
+from daemon.embedding.spng import load_spng
 from daemon.errors import EmbeddingError
-from daemon.images import IMAGE_SUFFIXES, parse_stage
+from daemon.files import DELETE_STAGING_FOLDERS, is_image_name
+from daemon.images import parse_stage
 from daemon.records import ImageCandidate, Issue
 from daemon.settings import Settings
 from daemon.store import StateStore
@@ -44,8 +54,8 @@ log = structlog.get_logger("embedding")
 DEFAULT_IMAGE_SIZE = 224
 #: failures found before any byte was read: retried on every run (an open() is cheap)
 _RETRY_ALWAYS = frozenset({"image_vanished", "image_unreadable"})
-#: folders whose images may be deleted soon after review: embedded first
-_AT_RISK_FOLDERS = frozenset({"__delete_staging", "delete_staging"})
+#: ``png_decoder`` default: libspng when the pyspng wheel provides it, else Pillow
+AUTO: Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +93,22 @@ def candidates_from_roots(settings: Settings, project: str | None = None
             for dirpath, dirnames, filenames in os.walk(settings.resolve(root)):
                 dirnames.sort()
                 folder = Path(dirpath)
-                priority = 0 if folder.name in _AT_RISK_FOLDERS else 1
+                priority = 0 if folder.name in DELETE_STAGING_FOLDERS else 1
                 found.extend(
                     ImageCandidate(name, f, folder / f, priority)
-                    for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_SUFFIXES
+                    for f in sorted(filenames) if is_image_name(f)
                 )
     return found
+
+
+def pick_decode_workers(configured: int, usable_cores: set[int] | None = None) -> int:
+    """``embedding.decode_workers``, or (0) one decode thread per core this process may run on:
+    its affinity mask (taskset, cgroup cpusets, systemd ``CPUAffinity=``), not the machine's
+    core count.  No cap: decoding releases the GIL, and a GPU box is decode-bound."""
+    if configured > 0:
+        return configured
+    cores = usable_cores if usable_cores is not None else os.sched_getaffinity(0)
+    return max(1, len(cores))
 
 
 class EmbeddingStage:
@@ -96,13 +116,17 @@ class EmbeddingStage:
 
     def __init__(self, settings: Settings, store: StateStore, *,
                  embedder: Embedder | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 png_decoder: PngDecoder | Literal["auto"] | None = AUTO) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
         self.ledger = Ledger(store)
         self._embedder = embedder
         self._cache: VectorCache | None = None
+        # None: Pillow decodes PNGs (the seam: tests inject a decoder, or none)
+        self.png_decoder: PngDecoder | None = (
+            load_spng() if isinstance(png_decoder, str) else png_decoder)
 
     @property
     def embedder(self) -> Embedder:
@@ -138,8 +162,8 @@ class EmbeddingStage:
             ("seen", "embedded", "cached", "moved", "failed", "skipped_failed", "batches"), 0)
         issues: list[Issue] = []
         side = int(getattr(emb, "image_size", DEFAULT_IMAGE_SIZE))
-        opts = DecodeOptions(side, cfg.jpeg_draft, cfg.max_image_pixels)
-        workers = cfg.decode_workers or min(8, os.cpu_count() or 1)
+        opts = DecodeOptions(side, cfg.jpeg_draft, cfg.max_image_pixels, self.png_decoder)
+        workers = pick_decode_workers(cfg.decode_workers)
         depth = cfg.batch_size * cfg.queue_batches
         # planned up front (a stat and an indexed query per file): the work's size is known
         planned = list(self._plan(ordered, cache, tally, limit))
@@ -179,7 +203,9 @@ class EmbeddingStage:
             pool.shutdown(wait=True, cancel_futures=True)
         result = EmbedResult(**tally, stopped=stopped,
                              duration_s=time.perf_counter() - start, issues=tuple(issues))
-        log.info("embedding.run_finished", embedder_id=emb.embedder_id, **result.to_dict())
+        log.info("embedding.run_finished", embedder_id=emb.embedder_id, decode_workers=workers,
+                 png_decoder=self.png_decoder.name if self.png_decoder else PILLOW,
+                 **result.to_dict())
         return result
 
     # -- planning (calling thread) --------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 
 from daemon.embedding.cache import VECTORS_DIR, VectorCache, read_index, temp_files
 from daemon.embedding.ledger import META_EMBEDDER, Ledger
-from daemon.images import sha256_regular
+from daemon.files import sha256_file
 from daemon.settings import Settings
 from daemon.store import StateStore
 
@@ -145,7 +145,7 @@ def verify_cache(settings: Settings, store: StateStore) -> VerifyReport:
             continue
         if (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
             try:
-                sha = sha256_regular(Path(path_text))  # a FIFO there must not hang
+                sha = sha256_file(Path(path_text))  # a FIFO there must not hang
             except OSError as exc:
                 found.append(Mismatch("file_unreadable", path_text, str(exc)))
                 continue
