@@ -158,6 +158,18 @@ class TrainingSettings(_Section):
     # -- evaluation and promotion --
     baseline_agreement_limit: float = Field(0.99, gt=0, le=1)  # flagged as baseline copy above
     promotion_margin: float = Field(0.0, ge=0, le=1)  # must beat the champion by more than this
+    # -- units, sides, promotion on evidence, data gate (issue 12; Documents/TRAINING.md) --
+    #: share of units on the validation side (epochs/hyperparameters); holdout_fraction is the
+    #: test side, read once per run for the report and the promotion decision
+    validation_fraction: float = Field(0.15, ge=0, lt=1)
+    #: groups whose images have embeddings at least this similar join one unit (never split);
+    #: 0.97 sits above re-encodes of one photo (>= 0.98) and below distinct shots (<= 0.95)
+    near_duplicate_cosine: float = Field(0.97, gt=0, le=1.01)  # above 1: search off
+    promotion_alpha: float = Field(0.05, gt=0, lt=0.5)  # paired test level (two-sided)
+    min_test_groups: int = Field(100, ge=1)  # ranker: fewer test groups never promote
+    min_test_crops: int = Field(50, ge=1)  # crop proposer: fewer test crops never promote
+    gate_max_error_share: float = Field(0.2, ge=0, le=1)  # rows failing must-pass checks
+    gate_min_coverage: float = Field(0.5, ge=0, le=1)  # usable rows with every vector
 
 
 class AuditSettings(_Section):

@@ -77,12 +77,17 @@ class TestHoldout:
 
     def test_dataset_sides_follow_the_rule(self, settings: Settings, planted: MemorySource,
                                            store: StateStore) -> None:
-        """Every loaded group sits on the side its key hashes to."""
+        """Every loaded group sits on the test side its unit hashes to (issue 12: units)."""
+        from daemon.training.units import side_of
+
         data, info = load_ranker_data(settings, store, planted)
         assert data.groups == 300
-        for project, gid, side in zip(data.projects, data.group_ids, data.holdout, strict=True):
-            assert side == in_holdout(project, gid, fraction=0.2)
-        assert info.split["unit"] == "group"
+        assert info.units is not None
+        for key, side in zip(data.keys, data.holdout, strict=True):
+            unit = info.units.unit_of[key]
+            assert side == (side_of(unit, seed=0, test_fraction=0.2,
+                                    validation_fraction=0.15) == "test")
+        assert info.split["unit"].startswith("union of groups")
         assert sum(v["holdout"] for v in info.sizes.values()) == int(data.holdout.sum())
 
 

@@ -10,6 +10,7 @@ counts go into the model's metadata.  No torch here: plain numpy arrays.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.decisions.checks import (
+    AI_CONFIDENCE,
+    AI_CROP,
     AI_INDEX,
     DIRECTORY,
     FINAL_CROP,
@@ -36,11 +39,22 @@ from daemon.images import parse_stage
 from daemon.records import VectorSource
 from daemon.settings import Settings
 from daemon.store.db import StateStore
-from daemon.training.split import SPLIT_RULE, in_holdout
+from daemon.training.units import (
+    SIDES,
+    SPLIT_RULE,
+    GroupImages,
+    Side,
+    Units,
+    build_units,
+    content_keys,
+    group_key,
+)
 
 Kind = Literal["ranker", "crop"]
 DIM_SCALE = 2048.0  # the reviewer feeds [width/2048, height/2048]
 MAX_STAGE = 3.0
+SIDE_CODE: dict[Side, int] = {s: i for i, s in enumerate(SIDES)}  # train 0, validation 1, test 2
+TRAIN, VALIDATION, TEST = 0, 1, 2
 
 
 @dataclass
@@ -53,11 +67,16 @@ class DatasetInfo:
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # project -> train/holdout
     checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
+    #: per project: usable rows seen and rows kept with every vector (the gate's coverage)
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)
+    units: Units | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "embedder_id": self.embedder_id,
                 "exclusions": dict(sorted(self.exclusions.items())), "sizes": self.sizes,
-                "checkpoints": self.checkpoints, "split": self.split}
+                "checkpoints": self.checkpoints, "split": self.split,
+                "coverage": self.coverage,
+                "units": None if self.units is None else self.units.summary()}
 
 
 @dataclass
@@ -72,10 +91,23 @@ class RankerData:
     holdout: np.ndarray  # (groups,) bool
     projects: list[str]
     group_ids: list[str]
+    side: np.ndarray | None = None  # (groups,) int8: TRAIN, VALIDATION, TEST; None: holdout only
 
     @property
     def groups(self) -> int:
         return len(self.picks)
+
+    @property
+    def keys(self) -> list[str]:
+        """``project/group_id`` of every group (what units and model files name)."""
+        return [group_key(p, g) for p, g in zip(self.projects, self.group_ids, strict=True)]
+
+    def on(self, side: int) -> np.ndarray:
+        """The mask of groups on ``side`` (TRAIN, VALIDATION, TEST)."""
+        if self.side is None:
+            return self.holdout if side == TEST else (~self.holdout if side == TRAIN
+                                                      else np.zeros(self.groups, dtype=bool))
+        return np.asarray(self.side == side)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -91,6 +123,7 @@ class RankerData:
             vectors=self.vectors[rows], offsets=offsets, picks=self.picks[idx],
             stages=self.stages[rows], ai_picks=self.ai_picks[idx], holdout=self.holdout[idx],
             projects=[self.projects[g] for g in idx], group_ids=[self.group_ids[g] for g in idx],
+            side=None if self.side is None else self.side[idx],
         )
 
 
@@ -105,16 +138,29 @@ class CropData:
     holdout: np.ndarray  # (n,) bool
     projects: list[str]
     group_ids: list[str]
+    side: np.ndarray | None = None  # (n,) int8: TRAIN, VALIDATION, TEST; None: holdout only
 
     @property
     def size(self) -> int:
         return len(self.boxes)
 
+    @property
+    def keys(self) -> list[str]:
+        return [group_key(p, g) for p, g in zip(self.projects, self.group_ids, strict=True)]
+
+    def on(self, side: int) -> np.ndarray:
+        """The mask of crops on ``side`` (TRAIN, VALIDATION, TEST)."""
+        if self.side is None:
+            return self.holdout if side == TEST else (~self.holdout if side == TRAIN
+                                                      else np.zeros(self.size, dtype=bool))
+        return np.asarray(self.side == side)
+
     def subset(self, mask: np.ndarray) -> CropData:
         idx = np.flatnonzero(mask)
         return CropData(self.vectors[idx], self.dims[idx], self.stages[idx], self.boxes[idx],
                         self.holdout[idx], [self.projects[i] for i in idx],
-                        [self.group_ids[i] for i in idx])
+                        [self.group_ids[i] for i in idx],
+                        None if self.side is None else self.side[idx])
 
 
 def is_backfilled(row: Row) -> bool:
@@ -180,84 +226,139 @@ def _stage(name: str) -> float:
     return float("nan") if s is None else s
 
 
-def _count_size(info: DatasetInfo, project: str, holdout: bool) -> None:
-    side = info.sizes.setdefault(project, {"train": 0, "holdout": 0})
-    side["holdout" if holdout else "train"] += 1
-
-
 def _new_info(settings: Settings, kind: Kind, vectors: VectorSource) -> DatasetInfo:
     t = settings.training
-    return DatasetInfo(kind=kind, embedder_id=vectors.embedder_id, split={
-        "rule": SPLIT_RULE, "unit": "group", "seed": t.holdout_seed,
-        "holdout_fraction": t.holdout_fraction, "holdout_projects": list(t.holdout_projects)})
+    return DatasetInfo(kind=kind, embedder_id=vectors.embedder_id, split=split_settings(t))
+
+
+def split_settings(t: Any) -> dict[str, Any]:
+    """What defines the sides: a champion trained under other values is flagged."""
+    return {"rule": SPLIT_RULE, "unit": "union of groups sharing content or near-duplicates",
+            "seed": t.holdout_seed, "test_fraction": t.holdout_fraction,
+            "validation_fraction": t.validation_fraction,
+            "holdout_projects": list(t.holdout_projects),
+            "near_duplicate_cosine": t.near_duplicate_cosine}
+
+
+def _coverage(info: DatasetInfo, project: str, kept: bool) -> None:
+    c = info.coverage.setdefault(project, {"rows": 0, "embedded": 0})
+    c["rows"] += 1
+    c["embedded"] += int(kept)
+
+
+def assign_sides(settings: Settings, info: DatasetInfo, groups: list[GroupImages],
+                 keys: list[str]) -> np.ndarray:
+    """Build the units over every loaded group and return each example's side code."""
+    t = settings.training
+    units = build_units(groups, cosine=t.near_duplicate_cosine, seed=t.holdout_seed,
+                        test_fraction=t.holdout_fraction,
+                        validation_fraction=t.validation_fraction,
+                        holdout_projects=t.holdout_projects)
+    info.units = units
+    codes = np.asarray([SIDE_CODE[units.side_of_group(k)] for k in keys], dtype=np.int8)
+    for k, c in zip(keys, codes, strict=True):
+        project = k.split("/", 1)[0]
+        side = info.sizes.setdefault(project, {"train": 0, "validation": 0, "holdout": 0})
+        side[("train", "validation", "holdout")[int(c)]] += 1
+    return codes
+
+
+def _shas(store: StateStore, project: str, names: Sequence[str]) -> dict[str, str]:
+    from daemon.embedding.ledger import Ledger  # content hashes: the embedding room's ledger
+
+    try:
+        return Ledger(store).shas_for(project, names) if names else {}
+    except sqlite3.Error as exc:  # an old state DB: fall back to file names and vectors
+        log_missing_ledger(project, exc)
+        return {}
+
+
+def log_missing_ledger(project: str, exc: Exception) -> None:
+    import structlog
+
+    structlog.get_logger("training").warning("training.content_hashes_unavailable",
+                                             project=project, error=repr(exc))
 
 
 def load_ranker_data(settings: Settings, store: StateStore, vectors: VectorSource
                      ) -> tuple[RankerData, DatasetInfo]:
-    """Every usable group, with all its images' vectors."""
-    t = settings.training
+    """Every usable group, with all its images' vectors, on its unit's side."""
     info = _new_info(settings, "ranker", vectors)
     vecs: list[np.ndarray] = []
     stages: list[float] = []
-    offsets, picks, ai_picks, holdout = [0], [], [], []
+    offsets, picks, ai_picks = [0], [], []
     projects: list[str] = []
     gids: list[str] = []
+    unit_groups: list[GroupImages] = []
     dim: int | None = None
     for project, wanted in _candidates(store, "ranker", info).items():
         rows = _source_rows(settings, store, project, wanted, info)
         parsed = [(r, json.loads(r[IMAGES])) for r in rows]
         names = sorted({n for _, imgs in parsed for n in imgs})
         found = vectors.vectors_for(project, names) if names else {}
+        shas = _shas(store, project, names)
         for row, imgs in parsed:
             if len(imgs) < 2:
                 info.exclusions["single_image"] += 1
                 continue
             if any(n not in found for n in imgs):
                 info.exclusions["missing_embedding"] += 1
+                _coverage(info, project, False)
                 continue
+            _coverage(info, project, True)
             group = [np.asarray(found[n], dtype=np.float32).reshape(-1) for n in imgs]
             dim = dim if dim is not None else group[0].shape[0]
             if any(v.shape[0] != dim for v in group):
                 info.exclusions["embedding_dim_mismatch"] += 1
                 continue
             gid = str(row[GROUP_ID])
-            side = in_holdout(project, gid, fraction=t.holdout_fraction, seed=t.holdout_seed,
-                              holdout_projects=t.holdout_projects)
             vecs.extend(group)
             stages.extend(_stage(n) for n in imgs)
             offsets.append(offsets[-1] + len(imgs))
             picks.append(int(row[USER_INDEX]))
-            ai = row[AI_INDEX]
-            ai_picks.append(int(ai) if isinstance(ai, int) and 0 <= ai < len(imgs) else -1)
-            holdout.append(side)
+            ai_picks.append(recorded_ai_pick(row, len(imgs)))
             projects.append(project)
             gids.append(gid)
-            _count_size(info, project, side)
+            unit_groups.append(GroupImages(group_key(project, gid),
+                                           content_keys(project, imgs, shas, found),
+                                           np.stack(group)))
+    keys = [group_key(p, g) for p, g in zip(projects, gids, strict=True)]
+    side = assign_sides(settings, info, unit_groups, keys)
     data = RankerData(
         vectors=np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), np.float32),
         offsets=np.asarray(offsets, dtype=np.int64), picks=np.asarray(picks, dtype=np.int64),
         stages=np.asarray(stages, dtype=np.float32), ai_picks=np.asarray(ai_picks, np.int64),
-        holdout=np.asarray(holdout, dtype=bool), projects=projects, group_ids=gids)
+        holdout=side == TEST, projects=projects, group_ids=gids, side=side)
     return data, info
+
+
+def recorded_ai_pick(row: Row, count: int) -> int:
+    """The AI's pick, or -1 where no AI ran: NULL, out of range, or the fake index 0 that live
+    rows with no model wrote (data contract: index 0 with no confidence and no AI crop)."""
+    ai = row[AI_INDEX]
+    if not (isinstance(ai, int) and not isinstance(ai, bool) and 0 <= ai < count):
+        return -1
+    if ai == 0 and row[AI_CONFIDENCE] is None and row[AI_CROP] is None:
+        return -1
+    return int(ai)
 
 
 def load_crop_data(settings: Settings, store: StateStore, vectors: VectorSource
                    ) -> tuple[CropData, DatasetInfo]:
-    """Every finished crop with a real (not full-frame) final box."""
-    t = settings.training
+    """Every finished crop with a real (not full-frame) final box, on its unit's side."""
     tol = settings.validation.full_frame_tolerance
     info = _new_info(settings, "crop", vectors)
     vecs: list[np.ndarray] = []
     dims: list[tuple[float, float]] = []
     stages: list[float] = []
     boxes: list[tuple[float, float, float, float]] = []
-    holdout: list[bool] = []
     projects: list[str] = []
     gids: list[str] = []
+    unit_groups: list[GroupImages] = []
     dim: int | None = None
     for project, wanted in _candidates(store, "crop", info).items():
         rows = _source_rows(settings, store, project, wanted, info)
-        picked: list[tuple[Row, str, tuple[float, float, float, float]]] = []
+        picked: list[tuple[Row, list[str], str, tuple[float, float, float, float]]] = []
         for row in rows:
             _, box = check_box("final_crop_coords", row[FINAL_CROP])
             if box is None:
@@ -265,32 +366,37 @@ def load_crop_data(settings: Settings, store: StateStore, vectors: VectorSource
             elif is_full_frame(box, tol):
                 info.exclusions["placeholder_crop"] += 1
             else:
-                picked.append((row, json.loads(row[IMAGES])[int(row[USER_INDEX])], box))
-        found = vectors.vectors_for(project, sorted({p[1] for p in picked})) if picked else {}
-        for row, name, box in picked:
+                imgs = json.loads(row[IMAGES])
+                picked.append((row, imgs, imgs[int(row[USER_INDEX])], box))
+        found = vectors.vectors_for(project, sorted({p[2] for p in picked})) if picked else {}
+        shas = _shas(store, project, sorted({n for p in picked for n in p[1]}))
+        for row, imgs, name, box in picked:
             if name not in found:
                 info.exclusions["missing_embedding"] += 1
+                _coverage(info, project, False)
                 continue
+            _coverage(info, project, True)
             v = np.asarray(found[name], dtype=np.float32).reshape(-1)
             dim = dim if dim is not None else v.shape[0]
             if v.shape[0] != dim:
                 info.exclusions["embedding_dim_mismatch"] += 1
                 continue
             gid = str(row[GROUP_ID])
-            side = in_holdout(project, gid, fraction=t.holdout_fraction, seed=t.holdout_seed,
-                              holdout_projects=t.holdout_projects)
             vecs.append(v)
             dims.append((float(row[WIDTH]), float(row[HEIGHT])))
             stages.append(_stage(name))
             boxes.append(box)
-            holdout.append(side)
             projects.append(project)
             gids.append(gid)
-            _count_size(info, project, side)
+            unit_groups.append(GroupImages(group_key(project, gid),
+                                           content_keys(project, imgs, shas, {name: v}),
+                                           v.reshape(1, -1)))
+    keys = [group_key(p, g) for p, g in zip(projects, gids, strict=True)]
+    side = assign_sides(settings, info, unit_groups, keys)
     data = CropData(
         vectors=np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), np.float32),
         dims=np.asarray(dims, dtype=np.float32).reshape(-1, 2),
         stages=np.asarray(stages, dtype=np.float32),
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        holdout=np.asarray(holdout, dtype=bool), projects=projects, group_ids=gids)
+        holdout=side == TEST, projects=projects, group_ids=gids, side=side)
     return data, info
