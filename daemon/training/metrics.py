@@ -136,3 +136,139 @@ def aspect_box(cx: np.ndarray, cy: np.ndarray, s: np.ndarray, min_side: float = 
     cx = np.clip(cx, s / 2, 1 - s / 2)
     cy = np.clip(cy, s / 2, 1 - s / 2)
     return np.stack([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2], axis=1)
+
+
+# -- baselines scored per test item (issue 12): what the paired promotion test compares --------
+
+def random_picks(offsets: np.ndarray, keys: Sequence[str], seed: int = 0) -> np.ndarray:
+    """A uniformly random image per group, stable per group key (not per run order)."""
+    import hashlib
+
+    sizes = np.diff(offsets)
+    u = np.asarray([int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big")
+                    for k in keys], dtype=np.uint64)
+    return (u % np.maximum(sizes, 1).astype(np.uint64)).astype(np.int64)
+
+
+def ranker_baseline_picks(offsets: np.ndarray, ai_picks: np.ndarray, keys: Sequence[str],
+                          seed: int = 0) -> dict[str, np.ndarray]:
+    """Per test group: the highest stage, a random image, and the recorded AI pick (where no AI
+    ran, or only the fake index 0, the reviewer shows the highest stage: so does this)."""
+    base = highest_stage_picks(offsets)
+    return {"highest_stage": base, "random": random_picks(offsets, keys, seed),
+            "recorded_ai_pick": np.where(ai_picks >= 0, ai_picks, base)}
+
+
+def ranker_hits(pred: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """0/1 per group: the pick was the person's (what McNemar pairs)."""
+    out: np.ndarray = (np.asarray(pred) == np.asarray(picks)).astype(np.float64)
+    return out
+
+
+def _cxcys(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    side = ((b[:, 2] - b[:, 0]) + (b[:, 3] - b[:, 1])) / 2
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, side], axis=1)
+
+
+def _box(c: np.ndarray) -> np.ndarray:
+    c = np.asarray(c, dtype=np.float64).reshape(-1, 3)
+    out: np.ndarray = aspect_box(c[:, 0], c[:, 1], c[:, 2]).astype(np.float32)
+    return out
+
+
+def median_box(boxes: np.ndarray) -> np.ndarray:
+    """The coordinate-wise median (centre and side) of the training boxes, aspect-keeping."""
+    if len(boxes) == 0:
+        return np.asarray([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+    out: np.ndarray = _box(np.median(_cxcys(boxes), axis=0))[0]
+    return out
+
+
+def best_constant_box(boxes: np.ndarray, *, max_examples: int = 5000, seed: int = 0
+                      ) -> np.ndarray:
+    """The aspect-keeping box with the highest mean IoU over the training boxes.
+
+    Coordinate search over (centre x, centre y, side) from the median, with steps halving from
+    0.1 to 0.001; at most ``max_examples`` boxes (a seeded sample) are scored per step."""
+    if len(boxes) == 0:
+        return np.asarray([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+    true = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if len(true) > max_examples:
+        true = true[np.random.default_rng(seed).choice(len(true), max_examples, replace=False)]
+
+    def score(c: np.ndarray) -> float:
+        return float(box_iou(np.tile(_box(c), (len(true), 1)), true).mean())
+
+    best = np.median(_cxcys(true), axis=0)
+    best_score = score(best)
+    for start in (_cxcys(true).mean(axis=0),):
+        if (s := score(start)) > best_score:
+            best, best_score = start, s
+    step = 0.1
+    while step >= 0.001:
+        improved = True
+        while improved:
+            improved = False
+            for dim in range(3):
+                for sign in (-1.0, 1.0):
+                    cand = best.copy()
+                    cand[dim] += sign * step
+                    if (s := score(cand)) > best_score + 1e-12:
+                        best, best_score, improved = cand, s, True
+        step /= 2
+    out: np.ndarray = _box(best)[0]
+    return out
+
+
+def aspect_bucket(dims: np.ndarray) -> np.ndarray:
+    """0 portrait (w/h < 0.9), 1 square-ish, 2 landscape (w/h > 1.1)."""
+    d = np.asarray(dims, dtype=np.float64).reshape(-1, 2)
+    ratio = d[:, 0] / np.where(d[:, 1] > 0, d[:, 1], 1.0)
+    return np.where(ratio < 0.9, 0, np.where(ratio > 1.1, 2, 1))
+
+
+def dims_stage_prior(train_boxes: np.ndarray, train_dims: np.ndarray, train_stages: np.ndarray,
+                     test_dims: np.ndarray, test_stages: np.ndarray, *, min_count: int = 5
+                     ) -> np.ndarray:
+    """Per test crop, the median training box of its (aspect bucket, stage) cell; cells with
+    fewer than ``min_count`` training boxes fall back to the aspect bucket, then to all."""
+    c = _cxcys(train_boxes)
+    tb, tt = aspect_bucket(train_dims), np.nan_to_num(train_stages, nan=-1.0)
+    qb, qt = aspect_bucket(test_dims), np.nan_to_num(test_stages, nan=-1.0)
+    overall = np.median(c, axis=0) if len(c) else np.asarray([0.5, 0.5, 1.0])
+    out = np.tile(overall, (len(qb), 1))
+    for i, (b, t) in enumerate(zip(qb, qt, strict=True)):
+        cell = (tb == b) & (tt == t)
+        if cell.sum() >= min_count:
+            out[i] = np.median(c[cell], axis=0)
+        elif (tb == b).sum() >= min_count:
+            out[i] = np.median(c[tb == b], axis=0)
+    return _box(out)
+
+
+def crop_baseline_boxes(train_boxes: np.ndarray, train_dims: np.ndarray,
+                        train_stages: np.ndarray, test_dims: np.ndarray,
+                        test_stages: np.ndarray) -> dict[str, np.ndarray]:
+    """Per test crop, every crop baseline's box (all fitted on the train side only)."""
+    n = len(test_dims)
+    mean = _box(_cxcys(train_boxes).mean(axis=0))[0] if len(train_boxes) else \
+        np.asarray([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+    return {
+        "full_frame": np.tile(np.asarray([0.0, 0.0, 1.0, 1.0], np.float32), (n, 1)),
+        "mean_box": np.tile(mean, (n, 1)),
+        "median_box": np.tile(median_box(train_boxes), (n, 1)),
+        "best_constant_box": np.tile(best_constant_box(train_boxes), (n, 1)),
+        "dims_stage_prior": dims_stage_prior(train_boxes, train_dims, train_stages, test_dims,
+                                             test_stages),
+    }
+
+
+def majority_action_hits(train_actions: Sequence[str], test_actions: Sequence[str]
+                         ) -> tuple[str, np.ndarray]:
+    """"Crop or approve": the majority action on train, and 0/1 per test group for it."""
+    counts: dict[str, int] = {}
+    for a in train_actions:
+        counts[a] = counts.get(a, 0) + 1
+    major = max(sorted(counts), key=lambda a: counts[a]) if counts else "approve"
+    return major, np.asarray([a == major for a in test_actions], dtype=np.float64)
