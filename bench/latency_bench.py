@@ -62,7 +62,7 @@ def main() -> None:
         daemon.wait_event("service.started", timeout=60)
         commits = home / "commits.jsonl"
         sim = subprocess.run(
-            [sys.executable, "-m", "daemon.simulator", "--decisions", str(decisions),
+            [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(decisions),
              "--images", str(home / "photos"), "--project", "bench", "--groups",
              str(args.rows), "--rate", str(args.rate), "--crop-delay-seconds", "1",
              "--commit-log", str(commits)], capture_output=True, timeout=3600)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.decisions.schema import create_v3_db
+from daemon.decisions.schema import INSERT_SQL, create_v3_db
+from daemon.demo.sample import synthetic_rows
 from daemon.logs import configure_logging
-from daemon.sample import INSERT_SQL, synthetic_rows
 from daemon.settings import Settings
 from daemon.store import StateStore
 from daemon.validation import ProjectSource, Validator

@@ -42,8 +42,7 @@ from daemon.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ConfigError, DaemonError, 
 from daemon.logs import configure_logging
 from daemon.records import ProjectResult
 from daemon.settings import Settings, check_input_folders, load_settings
-from daemon.status import print_status as print_status  # re-exported: demo.py
-from daemon.status import status_document
+from daemon.status import print_status, status_document
 from daemon.store.db import StateStore
 from daemon.validation import ProjectSource, Validator, discover_projects
 
@@ -290,7 +289,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.demo import run_demo
+    from daemon.demo.run import run_demo
 
     root = (args.out or settings.data_root / "demo").resolve()
     if root.exists() and any(root.iterdir()):

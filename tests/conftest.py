@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from daemon.decisions.schema import COLUMNS, create_legacy_db, create_v3_db
-from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
+from daemon.decisions.schema import COLUMNS, INSERT_SQL, create_legacy_db, create_v3_db
+from daemon.demo.sample import reviewer_row, row_tuple
 from daemon.settings import Settings, load_settings
 from daemon.store import StateStore
 from daemon.validation import Validator

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sample import PLANTED_FAULTS
+from daemon.demo.sample import PLANTED_FAULTS
 from tests.embedding_helpers import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ class TestDemoCap:
         assert "the daily summary: not written yet" in pending
         assert "the daemon's first pass" in pending or "the simulator" in pending
         assert "larger --max-seconds" in pending
-        leftover = subprocess.run(["pgrep", "-f", f"daemon.simulator.*{run.root}"],
+        leftover = subprocess.run(["pgrep", "-f", f"daemon.demo.simulator.*{run.root}"],
                                   capture_output=True, text=True)
         assert leftover.stdout == "", "a simulator outlived the demo"
 

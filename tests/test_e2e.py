@@ -28,7 +28,7 @@ from tests.daemon_harness import Daemon, wait_until, write_config
 def simulator(home: Path, groups: int, *, rate: float, seed: int = 1,
               crop_delay: float = 0.5) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.simulator", "--decisions", str(decisions(home)),
+        [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(decisions(home)),
          "--images", str(home / "photos"), "--project", "mojo3", "--groups", str(groups),
          "--rate", str(rate), "--seed", str(seed), "--crop-delay-seconds", str(crop_delay),
          "--commit-log", str(home / "commits.jsonl")],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sample import write_sample_project
+from daemon.demo.sample import write_sample_project
 from daemon.status import EXIT_DEAD, EXIT_NOT_RUNNING, EXIT_RUNNING, EXIT_UNKNOWN, exit_code
 from tests.daemon_harness import Daemon, wait_until, write_config
 

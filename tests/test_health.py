@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from daemon.backfill.run import ImageSizer
+from daemon.demo.sample import write_sample_project
 from daemon.embedding.decode import DecodeOptions, Job, prepare
 from daemon.files import NotRegularFileError, read_regular, sha256_file
 from daemon.health import Progress, describe_stall
 from daemon.records import ImageCandidate
-from daemon.sample import write_sample_project
 from daemon.settings import Settings
 from daemon.store import StateStore
 from daemon.training.runner import _run_child

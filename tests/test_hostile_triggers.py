@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.demo.sample import write_sample_project
 from daemon.fsutil import atomic_write_text
-from daemon.sample import write_sample_project
 from daemon.triggers import MAX_BODY_BYTES, TriggerBox, parse_trigger
 from tests.daemon_harness import Daemon, wait_until, write_config
 

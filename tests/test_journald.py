@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from daemon.sample import write_sample_project
+from daemon.demo.sample import write_sample_project
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIXED = re.compile(r"^<([0-7])>(.*)$")

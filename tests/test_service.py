@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sample import write_sample_project
+from daemon.demo.sample import write_sample_project
 from tests.conftest import fixture_path
 from tests.daemon_harness import Daemon, wait_until, write_config
 
@@ -115,7 +115,8 @@ class TestWork:
         daemon.wait_event("validation.project_checked", project="demo")
         import random
 
-        from daemon.sample import INSERT_SQL, reviewer_row, row_tuple
+        from daemon.decisions.schema import INSERT_SQL
+        from daemon.demo.sample import reviewer_row, row_tuple
 
         conn = sqlite3.connect(decisions(home) / "demo.db", isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")

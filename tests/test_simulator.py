@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from daemon.demo.simulator import Simulator, SimulatorConfig
 from daemon.records import Sidecar
 from daemon.settings import Settings
 from daemon.sidecars import check_sidecar_link, crop_state, folder_role, parse_sidecar
-from daemon.simulator import Simulator, SimulatorConfig
 from daemon.store import StateStore
 from daemon.validation import Validator
 
@@ -52,7 +52,7 @@ def read_rows(db: Path) -> list[dict[str, Any]]:
 
 def start(decisions: Path, images: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.simulator", "--decisions", str(decisions),
+        [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(decisions),
          "--images", str(images), "--project", PROJECT, *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

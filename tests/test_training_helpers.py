@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.sample import STAGE_NAMES
+from daemon.demo.sample import STAGE_NAMES
 
 TINY = "tiny-test-vit"
 TINY_CFG: dict[str, Any] = {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sample import write_sample_project
+from daemon.demo.sample import write_sample_project
 from tests.daemon_harness import Daemon, wait_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,12 +46,11 @@ from daemon.backfill.convert import (
     detect_layout,
 )
 from daemon.codes import SEVERITY
-from daemon.decisions.schema import COLUMNS, create_v3_db
+from daemon.decisions.schema import COLUMNS, INSERT_SQL, create_v3_db
 from daemon.errors import DaemonError
 from daemon.files import NotRegularFileError, is_image_name, sha256_stream
 from daemon.files import open_regular as open_fd
 from daemon.fsutil import file_mode, fsync_dir
-from daemon.sample import INSERT_SQL
 
 log = structlog.get_logger("backfill")
 

@@ -29,6 +29,9 @@ REQUIRED_COLUMNS: frozenset[str] = frozenset({
     "image_width", "image_height",
 })
 LEGACY_17_MISSING = "ai_crop_accepted"
+#: One row of every column, in :data:`COLUMNS` order (backfill output, sample data, tests).
+INSERT_SQL = (f"INSERT INTO ai_decisions ({', '.join(COLUMNS)}) "
+              f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 COLUMN_TYPES: dict[str, str] = {
     "group_id": "TEXT", "timestamp": "TEXT", "project_id": "TEXT", "directory": "TEXT",

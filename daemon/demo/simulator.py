@@ -21,7 +21,7 @@ decisions folder, image root and commit log, and must never leave a half-written
 under a final name.  SIGTERM/SIGINT only set a flag: the current step finishes, the DB closes,
 the exit status is 0.
 
-    python -m daemon.simulator --decisions DIR --images ROOT --project NAME [--groups N]
+    python -m daemon.demo.simulator --decisions DIR --images ROOT --project NAME [--groups N]
         [--rate PER_SECOND] [--seed S] [--crop-delay-seconds X] [--delete-losers-fraction F]
         [--delete-delay-seconds X] [--commit-log FILE]
 """
@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
-import io
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -47,10 +45,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from daemon.decisions.schema import create_v3_db
+from daemon.decisions.schema import INSERT_SQL, create_v3_db
+from daemon.demo.sample import STAGE_NAMES, iso_z, move_into, png_bytes, row_tuple, write_sidecar
 from daemon.files import DELETE_STAGING
-from daemon.fsutil import atomic_write_bytes, atomic_write_text
-from daemon.sample import INSERT_SQL, STAGE_NAMES, row_tuple
+from daemon.fsutil import atomic_write_bytes
 
 #: Tiny stand-ins for the real sizes (832x1216, 1216x832, ...), same aspect ratios.
 TINY_SIZES: tuple[tuple[int, int], ...] = ((52, 76), (76, 52), (64, 64), (104, 152), (128, 128))
@@ -61,10 +59,6 @@ HIGHEST_STAGE_RATE = 0.976
 FILE_EPOCH = datetime(2025, 7, 1, 8, 0, 0)
 
 SELECTED, CROP, CROP_AUTO, CROPPED = ("__selected", "__crop", "__crop_auto", "__cropped")
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,38 +101,6 @@ class _Due:
     kind: str = field(compare=False)  # "crop" or "delete"
     group: ReviewedGroup = field(compare=False)
     names: tuple[str, ...] = field(compare=False, default=())
-
-
-def _png_bytes(size: tuple[int, int], color: tuple[int, int, int], stage: int) -> bytes:
-    from PIL import Image, ImageDraw  # imported here: the CLI's --help stays instant
-
-    img = Image.new("RGB", size, color)
-    draw = ImageDraw.Draw(img)
-    # a stage-dependent mark, so the versions of one group differ in content
-    w, h = size
-    draw.rectangle((w // 8, h // 8, w // 8 + (stage + 1) * w // 10, h // 2),
-                   fill=(255 - color[0], 255 - color[1], 255 - color[2]))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp name in the same folder, then rename: a watcher never sees a partial file under
-    the final name (the temp name starts with a dot and ends with ``.tmp``)."""
-    atomic_write_bytes(path, data)
-
-
-def write_sidecar(path: Path, data: dict[str, Any]) -> None:
-    """A kind A sidecar as the reviewer writes it: ``json.dump(indent=2)``, atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2))
-
-
-def _move(src: Path, dst_dir: Path) -> Path:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    os.replace(src, dst)
-    return dst
 
 
 class Simulator:
@@ -294,8 +256,8 @@ class Simulator:
 
         # 1. the images exist before the review
         for stage, name in zip(stages, names, strict=True):
-            _write_atomic(cfg.image_root / name, _png_bytes(size, color, stage))
-            _write_atomic(cfg.image_root / f"{Path(name).stem}.yaml",
+            atomic_write_bytes(cfg.image_root / name, png_bytes(size, color, stage))
+            atomic_write_bytes(cfg.image_root / f"{Path(name).stem}.yaml",
                           f"stage: {STAGE_NAMES[stage]}\nseed: {cfg.seed}\n".encode())
 
         # 2. the row
@@ -303,7 +265,7 @@ class Simulator:
         batch = n // 100 + 1
         group_id = f"{cfg.project}_group_{when:%Y%m%dT%H%M%S%f}_batch{batch:03d}_img{n % 1000:03d}"
         row: dict[str, Any] = {
-            "group_id": group_id, "timestamp": _iso(when), "project_id": cfg.project,
+            "group_id": group_id, "timestamp": iso_z(when), "project_id": cfg.project,
             "directory": str(cfg.image_root.resolve()), "batch_number": batch,
             "images": json.dumps(names), "ai_selected_index": ai_pick,
             "ai_crop_coords": json.dumps(ai_box) if ai_box is not None else None,
@@ -319,8 +281,8 @@ class Simulator:
         folder = SELECTED if action == "approve" else (CROP_AUTO if auto else CROP)
         picked = names[pick]
         dst = cfg.image_root / folder
-        _move(cfg.image_root / picked, dst)
-        _move(cfg.image_root / f"{Path(picked).stem}.yaml", dst)
+        move_into(cfg.image_root / picked, dst)
+        move_into(cfg.image_root / f"{Path(picked).stem}.yaml", dst)
         sidecar: Path | None = None
         if action == "crop":
             data: dict[str, Any] = {"group_id": group_id, "project_id": cfg.project,
@@ -342,8 +304,8 @@ class Simulator:
         for k, name in enumerate(names):
             if k == pick:
                 continue
-            _move(cfg.image_root / name, staging)
-            _move(cfg.image_root / f"{Path(name).stem}.yaml", staging)
+            move_into(cfg.image_root / name, staging)
+            move_into(cfg.image_root / f"{Path(name).stem}.yaml", staging)
             if delete_mask[k]:
                 doomed.append(name)
         if doomed:
@@ -372,7 +334,7 @@ class Simulator:
         self._commit(
             "UPDATE ai_decisions SET final_crop_coords = ?, crop_timestamp = ?, crop_match = ? "
             "WHERE group_id = ?",
-            (json.dumps(final), _iso(self.wall_clock()), match, group.group_id),
+            (json.dumps(final), iso_z(self.wall_clock()), match, group.group_id),
             group.group_id, "crop", "crop_update",
         )
         src = cfg.image_root / group.folder
@@ -380,7 +342,7 @@ class Simulator:
         stem = Path(group.picked).stem
         for name in (group.picked, f"{stem}.yaml", f"{stem}.decision"):
             if (src / name).exists():
-                _move(src / name, dst)
+                move_into(src / name, dst)
         if group.sidecar is not None:
             group.sidecar = dst / group.sidecar.name
         group.cropped = True
@@ -419,7 +381,7 @@ class Simulator:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m daemon.simulator",
+        prog="python -m daemon.demo.simulator",
         description="Behave like the reviewer and the crop tool for one project.")
     p.add_argument("--decisions", type=Path, required=True,
                    help="decisions folder: <project>.db is created there if missing")

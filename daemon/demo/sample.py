@@ -7,7 +7,9 @@ highest stage picked) so that checks and benchmarks see realistic values.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -16,15 +18,46 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon.decisions.schema import COLUMNS, create_legacy_db, create_v3_db
+from daemon.decisions.schema import COLUMNS, INSERT_SQL, create_legacy_db, create_v3_db
+from daemon.fsutil import atomic_write_text
 
 STAGE_NAMES = ("stage1_generated", "stage1.5_face_swapped", "stage2_upscaled", "stage3_enhanced")
 SIZES = ((832, 1216), (1216, 832), (1024, 1024), (1664, 2432), (2048, 2048), (3072, 3072))
 EPOCH = datetime(2025, 10, 23, 20, 0, 0, tzinfo=UTC)
 
 
-def _iso(moment: datetime) -> str:
+def iso_z(moment: datetime) -> str:
+    """A timestamp as the reviewer writes it (``...Z``)."""
     return moment.isoformat().replace("+00:00", "Z")
+
+
+# -- files as the reviewer writes and moves them -------------------------------------------------
+
+def png_bytes(size: tuple[int, int], color: tuple[int, int, int], stage: int) -> bytes:
+    """A small PNG whose content differs per stage, so the versions of one group differ."""
+    from PIL import Image, ImageDraw  # imported here: the simulator's --help stays instant
+
+    img = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    draw.rectangle((w // 8, h // 8, w // 8 + (stage + 1) * w // 10, h // 2),
+                   fill=(255 - color[0], 255 - color[1], 255 - color[2]))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_sidecar(path: Path, data: dict[str, Any]) -> None:
+    """A kind A sidecar as the reviewer writes it: ``json.dump(indent=2)``, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2))
+
+
+def move_into(src: Path, dst_dir: Path) -> Path:
+    """Move ``src`` into ``dst_dir`` (made if missing) with one rename, as the reviewer does."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / src.name
+    os.replace(src, dst)
+    return dst
 
 
 def reviewer_row(project: str, n: int, rng: random.Random, *, pending: bool = False,
@@ -52,11 +85,11 @@ def reviewer_row(project: str, n: int, rng: random.Random, *, pending: bool = Fa
         box = [round(x1 * width) / width, round(y1 * height) / height,
                round((x1 + side) * width) / width, round((y1 + side) * height) / height]
         final = json.dumps(box)
-        crop_ts = _iso(when + timedelta(minutes=rng.randrange(5, 600)))
+        crop_ts = iso_z(when + timedelta(minutes=rng.randrange(5, 600)))
         crop_match = 0
     return {
         "group_id": f"{project}_group_{when:%Y%m%dT%H%M%S%f}_batch{batch:03d}_img{n % 1000:03d}",
-        "timestamp": _iso(when),
+        "timestamp": iso_z(when),
         "project_id": project,
         "directory": f"/Users/reviewer/training data/{project}",
         "batch_number": batch,
@@ -78,10 +111,6 @@ def reviewer_row(project: str, n: int, rng: random.Random, *, pending: bool = Fa
 
 def row_tuple(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(row[c] for c in COLUMNS)
-
-
-INSERT_SQL = (f"INSERT INTO ai_decisions ({', '.join(COLUMNS)}) "
-              f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 
 def synthetic_rows(project: str, start: int, count: int, seed: int = 0,

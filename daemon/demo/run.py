@@ -14,7 +14,7 @@ after a fixed time (a fixed 30 s once ended before torch had even loaded on a bu
 4. the triggers ``explode`` (refused), ``retrain.json`` and ``inspect`` have results; then
    ``summary`` has one, so the summary shows the model and the report.
 
-Then the daemon is stopped and a tour printed (:mod:`daemon.demo_tour`).  ``--max-seconds``
+Then the daemon is stopped and a tour printed (:mod:`daemon.demo.tour`).  ``--max-seconds``
 caps it all: hitting it prints what was still pending and exits 75.  While waiting, one live
 line says what for.  The daemon's logs go to ``<out>/daemon.log`` (JSON lines), so the terminal
 tells the story instead of the log stream.
@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from daemon.demo_tour import print_tour, trigger_result
+from daemon.demo.sample import write_sample_project
+from daemon.demo.tour import print_tour, trigger_result
 from daemon.fsutil import atomic_write_text
 from daemon.logs import configure_logging
-from daemon.sample import write_sample_project
 from daemon.service import Service
 from daemon.settings import Settings, load_settings
 
@@ -244,7 +244,7 @@ class Conductor:
 
     def _start_simulator(self) -> bool:
         self.sim = subprocess.Popen(
-            [sys.executable, "-m", "daemon.simulator",
+            [sys.executable, "-m", "daemon.demo.simulator",
              "--decisions", str(self.settings.decisions_dir), "--images",
              str(self.root / "photos"), "--project", "studio", "--groups", str(self.groups),
              "--rate", "4", "--crop-delay-seconds", "2", "--seed", "7",
