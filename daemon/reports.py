@@ -31,8 +31,11 @@ MD_ISSUE_LIMIT = 500
 def build_inspection(
     sources: list[ProjectSource], results: list[ProjectResult], store: StateStore,
     *, now: datetime, first_rows: int, busy_timeout_ms: int = 2000,
-    busy_budget_seconds: float = 30.0,
+    busy_budget_seconds: float = 30.0, units: list[dict[str, Any]] | None = None,
+    gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The report; ``units`` (training's multi-group units: duplicates and near duplicates)
+    and ``gate`` (the data gate's per-project figures) are added when training writes it."""
     by_project = {r.project: r for r in results}
     projects: list[dict[str, Any]] = []
     actions_total: Counter[str] = Counter()
@@ -84,6 +87,8 @@ def build_inspection(
             for (p, g, r), c in invalid.items()
         ],
         "issues": [i.to_dict() for i in issues],
+        "duplicate_units": units or [],
+        "gate": gate,
     }
 
 
@@ -125,6 +130,24 @@ def render_inspection_markdown(report: dict[str, Any]) -> str:
         out.append("| " + " | ".join(_md_cell(x) for x in (
             i["severity"], f"`{i['code']}`", i["project"], i["group_id"], i["rowid"], i["field"],
             f"`{i['value_repr']}`", i["message"])) + " |")
+    gate = report.get("gate")
+    if gate:
+        out += ["", f"## Training data gate: {'passed' if gate['passed'] else 'REFUSED'}", "",
+                "| project | rows | invalid rows | error share | usable rows | embedded | "
+                "coverage | failed |", "|---|---|---|---|---|---|---|---|"]
+        for name, g in sorted(gate["projects"].items()):
+            out.append(f"| {name} | {g['rows']} | {g['invalid_rows']} | {g['error_share']} | "
+                       f"{g['usable_rows']} | {g['embedded_rows']} | {g['coverage']} | "
+                       f"{_md_cell('; '.join(g['failures']))} |")
+    units = report.get("duplicate_units") or []
+    if units:
+        out += ["", f"## Duplicate and near-duplicate units ({len(units)})", "",
+                "Groups joined into one unit share an image's bytes, its file, or a near-"
+                "identical embedding: they always sit on one side of the split.", "",
+                "| unit | side | groups | joined by |", "|---|---|---|---|"]
+        for u in units[:MD_ISSUE_LIMIT]:
+            out.append(f"| {_md_cell(u['unit'])} | {u['side']} | "
+                       f"{_md_cell(', '.join(u['groups']))} | {', '.join(u['joined_by'])} |")
     for p in report["projects"]:
         rows = p.get("first_rows", [])
         if not rows:

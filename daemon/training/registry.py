@@ -265,4 +265,87 @@ def decide_promotion(kind: str, challenger: np.ndarray, test_keys: Sequence[str]
     ``test_keys`` (group keys ``project/group_id``): 0/1 hits for the ranker, IoU for crops.
     The best baseline is the one with the highest mean.  The champion is compared only on test
     items whose group it never saw; a champion trained under another split is flagged."""
-    raise NotImplementedError  # filled in by the next commit
+    import numpy as np
+
+    from daemon.training.evidence import Metric, compare
+    from daemon.training.units import key_digest
+
+    metric: Metric = "top1" if kind == "ranker" else "mean_iou"
+    label = "top-1" if kind == "ranker" else "mean IoU"
+    x = np.asarray(challenger, dtype=np.float64)
+    n = int(x.size)
+    out = PromotionDecision(False, "", metric, n)
+    out.flags += list(blockers)
+    if n < min_test:
+        out.reason = (f"{n} test {'groups' if kind == 'ranker' else 'crops'} < minimum "
+                      f"{min_test}: too few to tell a better model from a lucky seed")
+        return out
+    means = {name: float(np.nanmean(v)) for name, v in baselines.items()
+             if np.asarray(v).size == n and not np.all(np.isnan(np.asarray(v, np.float64)))}
+    if not means:
+        out.reason = "no baseline scored on the test side"
+        return out
+    best = max(means, key=lambda k: means[k])
+    out.best_baseline = best
+    bvec = np.asarray(baselines[best], dtype=np.float64)
+    ok = ~np.isnan(bvec)
+    vs_base = compare(metric, x[ok], bvec[ok], against=f"baseline {best}", alpha=alpha,
+                      seed=seed)
+    out.comparisons.append(vs_base.to_dict())
+    vs_champ = None
+    if champion is not None:
+        cvec = np.asarray(champion.scores, dtype=np.float64)
+        use = ~np.isnan(cvec) if cvec.size == n else np.zeros(n, dtype=bool)
+        if champion.seen is not None:
+            seen = np.asarray([key_digest(k) in champion.seen for k in test_keys], dtype=bool)
+            out.champion_excluded_seen = int((use & seen).sum())
+            use &= ~seen
+        else:
+            out.flags.append(f"champion v{champion.version} recorded no units: compared on "
+                             "every test group")
+        if champion.split is not None and _split_key(champion.split) != _split_key(split):
+            out.split_changed = True
+            out.flags.append(f"split changed since champion v{champion.version} "
+                             f"({_split_key(champion.split)} -> {_split_key(split)}): "
+                             f"{out.champion_excluded_seen} test groups it saw are left out")
+        out.champion_compared_on = int(use.sum())
+        vs_champ = compare(metric, x[use], cvec[use], against=f"champion v{champion.version}",
+                           alpha=alpha, seed=seed)
+        out.comparisons.append(vs_champ.to_dict())
+    if blockers:
+        out.reason = "not promoted: " + "; ".join(blockers)
+        return out
+    if not vs_base.passed:
+        out.reason = _why_not(label, vs_base.to_dict(), alpha)
+        return out
+    if vs_champ is not None:
+        if vs_champ.n < min_test:
+            out.reason = (f"only {vs_champ.n} test groups the {vs_champ.against} never saw "
+                          f"(< {min_test}): cannot show it is better than the champion")
+            return out
+        if not vs_champ.passed:
+            out.reason = _why_not(label, vs_champ.to_dict(), alpha)
+            return out
+    out.promoted = True
+    extra = "" if vs_champ is not None else f" ({champion_note or 'no champion yet'})"
+    out.reason = "; ".join(_figures(label, c) for c in out.comparisons) + extra
+    return out
+
+
+def _split_key(split: dict[str, Any]) -> tuple[Any, ...]:
+    return (split.get("seed"), split.get("test_fraction", split.get("holdout_fraction")),
+            split.get("validation_fraction"), tuple(split.get("holdout_projects") or ()),
+            split.get("near_duplicate_cosine"))
+
+
+def _figures(label: str, c: dict[str, Any]) -> str:
+    return (f"{label} {c['challenger']:.4f} vs {c['other']:.4f} for the {c['against']} on "
+            f"n={c['n']}: difference {c['difference']:+.4f}, {100 * (1 - c['alpha']):.0f}% CI "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], p={c['p']:.3g} ({c['test']})")
+
+
+def _why_not(label: str, c: dict[str, Any], alpha: float) -> str:
+    if c["n"] == 0 or c["difference"] is None:
+        return f"nothing to compare with the {c['against']}"
+    return (f"not shown better than the {c['against']} at alpha {alpha}: "
+            + _figures(label, c))
