@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from daemon.backfill_cli import add_backfill_parser
     from daemon.embedding.cli import add_embed_parser
-    from daemon.training.cli import add_summary_parser, add_train_parser
+    from daemon.summary.cli import add_summary_parser
+    from daemon.training.cli import add_train_parser
 
     add_backfill_parser(sub, common)
     add_embed_parser(sub, common)
@@ -320,7 +321,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.training.cli import cmd_summary as run
+    from daemon.summary.cli import cmd_summary as run
 
     return run(args, settings)
 

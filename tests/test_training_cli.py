@@ -8,10 +8,9 @@ import pytest
 
 from daemon.settings import Settings
 from daemon.store import StateStore
+from daemon.summary.cli import add_summary_parser, cmd_summary
 from daemon.training.cli import (
-    add_summary_parser,
     add_train_parser,
-    cmd_summary,
     cmd_train,
     metrics_table,
 )
