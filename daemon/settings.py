@@ -124,7 +124,7 @@ class EmbeddingSettings(_Section):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: CUDA, then MPS, then CPU
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on a GPU
     batch_size: int = Field(32, ge=1, le=4096)  # images per model call
-    decode_workers: int = Field(0, ge=0, le=64)  # decode threads; 0: one per CPU core, max 8
+    decode_workers: int = Field(0, ge=0, le=64)  # decode threads; 0: one per usable core
     queue_batches: int = Field(2, ge=1, le=64)  # decoded batches held ahead of the model
     max_image_pixels: int = Field(100_000_000, ge=1)  # larger: image_too_large (bomb guard)
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (DCT draft mode)

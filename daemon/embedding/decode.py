@@ -4,8 +4,13 @@ Exists so every way an image file can be bad becomes an outcome with a stable is
 instead of an exception that stops a batch.  It must not touch the state DB or the cache
 files (the writer thread owns them); it only asks ``has_vector(sha)`` so that bytes already
 embedded (a moved or renamed file, the same file in another project) are never decoded again.
-All work here releases the GIL for most of its time (file reads, SHA-256, Pillow decoding and
-resizing, tensor normalisation), so plain threads overlap with model inference.
+All work here releases the GIL for most of its time (file reads, SHA-256, libspng or Pillow
+decoding, resizing, tensor normalisation), so plain threads overlap with model inference and
+with each other: the decode pool scales with the cores the process may use.
+
+PNGs go to a faster decoder when one is given (:class:`PngDecoder`; libspng from
+:mod:`.spng` in the stage), and only when it gives exactly Pillow's pixels; everything else,
+and every file it cannot decode, goes through Pillow, whose exceptions name the issue.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from daemon.images import NotRegularFileError, read_regular
+from daemon.embedding.spng import PngLayout, read_png_header, scan_png
+from daemon.files import NotRegularFileError, read_regular
 from daemon.records import ImageCandidate
 
 if TYPE_CHECKING:
@@ -32,6 +38,9 @@ OutcomeKind = Literal["decoded", "cached", "failed", "same_failure"]
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _EXIF_ORIENTATION = 0x0112
+#: modes ``Image.reduce`` accepts; others ("P", "1", "I;16") become RGB first
+_REDUCE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "I", "F"})
+PILLOW = "pillow"
 _pillow_lock = threading.Lock()
 
 
@@ -56,6 +65,19 @@ class Outcome:
     code: str | None = None
     message: str | None = None
     decode_ms: float = 0.0
+    decoder: str | None = None  # who decoded the pixels: "pillow" or the PNG decoder's name
+
+
+class PngDecoder(Protocol):
+    """A PNG decoder faster than Pillow's (the seam: tests inject one, or none)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def decode(self, data: bytes, layout: PngLayout) -> Image.Image | None:
+        """Pillow's image for ``data`` (same mode and pixels; a palette comes back expanded
+        through its tRNS), or ``None``: Pillow decodes the file instead."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +85,7 @@ class DecodeOptions:
     image_size: int
     jpeg_draft: bool
     max_image_pixels: int
+    png: PngDecoder | None = None  # None: Pillow decodes PNGs too
 
 
 def configure_pillow(max_image_pixels: int) -> None:
@@ -100,15 +123,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _too_large(width: int, height: int, limit: int) -> Image.DecompressionBombError:
+    return Image.DecompressionBombError(
+        f"{width}x{height} = {width * height} pixels > embedding.max_image_pixels = {limit}")
+
+
 def open_oriented(data: bytes, opts: DecodeOptions) -> tuple[Image.Image, int, int]:
     """Decode ``data`` (raising Pillow's exceptions) with draft mode and EXIF orientation;
     returns the image and the stored width and height."""
     image: Image.Image = Image.open(io.BytesIO(data))
     width, height = image.size
     if width * height > opts.max_image_pixels:
-        raise Image.DecompressionBombError(
-            f"{width}x{height} = {width * height} pixels > embedding.max_image_pixels = "
-            f"{opts.max_image_pixels}")
+        raise _too_large(width, height, opts.max_image_pixels)
     if opts.jpeg_draft and image.format == "JPEG":
         # DCT-domain downscale (1/2, 1/4, 1/8) to no less than the model's input size
         image.draft("RGB", (opts.image_size, opts.image_size))
@@ -116,11 +142,42 @@ def open_oriented(data: bytes, opts: DecodeOptions) -> tuple[Image.Image, int, i
     image.load()
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
+    return shrink(image, opts.image_size), width, height
+
+
+def shrink(image: Image.Image, image_size: int) -> Image.Image:
+    """A box reduce when the image is at least 4x the model's input: cheap, and it keeps the
+    final bicubic resize small and antialiased.  A mode ``reduce`` refuses (a palette, 1-bit,
+    16-bit gray) is made RGB first (it used to be reported as image_corrupt)."""
     short = min(image.size)
-    if short >= 4 * opts.image_size:
-        # a box reduce is cheap and keeps the final bicubic resize small and antialiased
-        image = image.reduce(short // (2 * opts.image_size))
-    return image, width, height
+    if short < 4 * image_size:
+        return image
+    if image.mode not in _REDUCE_MODES:
+        image = to_rgb(image)
+    return image.reduce(short // (2 * image_size))
+
+
+def decode_image(data: bytes, opts: DecodeOptions) -> tuple[Image.Image, int, int, str]:
+    """``data`` -> (image, ready for :func:`to_rgb`; stored width; height; who decoded it).
+    Raises Pillow's exceptions for a bad file.  A PNG's size is checked against the pixel
+    limit from its header before any decoder inflates a byte."""
+    png = opts.png
+    header = read_png_header(data) if png is not None else None
+    if png is not None and header is not None:
+        width, height = header.width, header.height
+        if width * height > opts.max_image_pixels:
+            raise _too_large(width, height, opts.max_image_pixels)
+        layout = scan_png(data)
+        if layout is not None and layout.pillow_only is None:
+            image = png.decode(data, layout)
+            if image is not None:
+                if header.color_type == 3:
+                    # Pillow's path expands a palette (over white, through its tRNS) before
+                    # any reduce, since "P" cannot be reduced: the same order here
+                    image = to_rgb(image)
+                return shrink(image, opts.image_size), width, height, png.name
+    image, width, height = open_oriented(data, opts)
+    return image, width, height, PILLOW
 
 
 def _failure(job: Job, code: str, message: str, **kw: Any) -> Outcome:
@@ -156,16 +213,20 @@ def prepare(job: Job, opts: DecodeOptions, has_vector: Callable[[str], bool],
         return Outcome(job=job, kind="same_failure", sha256=sha, size=size, mtime_ns=mtime_ns)
     if has_vector(sha):
         width = height = None
-        try:  # header only: the size is worth recording, the pixels are not worth decoding
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-        except Exception:  # the vector exists; a size is optional
-            pass
+        header = read_png_header(data)
+        if header is not None:
+            width, height = header.width, header.height
+        else:
+            try:  # header only: the size is worth recording, the pixels are not worth decoding
+                with Image.open(io.BytesIO(data)) as probe:
+                    width, height = probe.size
+            except Exception:  # the vector exists; a size is optional
+                pass
         return Outcome(job=job, kind="cached", sha256=sha, width=width, height=height,
                        size=size, mtime_ns=mtime_ns)
     bad: dict[str, Any] = {"sha256": sha, "size": size, "mtime_ns": mtime_ns}
     try:
-        image, width, height = open_oriented(data, opts)
+        image, width, height, decoder = decode_image(data, opts)
         tensor = preprocess(to_rgb(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return _failure(job, "image_too_large", str(exc), **bad)
@@ -181,4 +242,4 @@ def prepare(job: Job, opts: DecodeOptions, has_vector: Callable[[str], bool],
         return _failure(job, "image_corrupt", f"decoding failed: {exc!r}", **bad)
     return Outcome(job=job, kind="decoded", sha256=sha, width=width, height=height,
                    tensor=tensor, decode_ms=(time.perf_counter() - start) * 1000, size=size,
-                   mtime_ns=mtime_ns)
+                   mtime_ns=mtime_ns, decoder=decoder)
