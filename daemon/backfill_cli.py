@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,33 +101,75 @@ def add_backfill_parser(subparsers: Any, common: argparse.ArgumentParser
     return p
 
 
-def _options(args: argparse.Namespace, settings: Settings) -> BackfillOptions:
-    windows: tuple[Window, ...] = tuple(args.window)
+@dataclass(frozen=True, slots=True)
+class BackfillRequest:
+    """What an operator asks of a backfill, from the command line or a ``backfill`` trigger:
+    the one shape both are turned into, so the two can never disagree on an option."""
+
+    csv: tuple[Path, ...]
+    project: str | None = None
+    project_from: str | None = None
+    windows: tuple[Window, ...] = ()
+    image_roots: tuple[Path, ...] = ()
+    out: Path | None = None
+    execute: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BackfillRequest:
+        return cls(tuple(args.csv), args.project, args.project_from, tuple(args.window),
+                   tuple(args.image_root), args.out, bool(args.execute))
+
+    @classmethod
+    def from_trigger(cls, args: Mapping[str, Any]) -> BackfillRequest:
+        """A trigger's checked arguments (:mod:`daemon.triggers`); a bad project name or
+        window raises BackfillError with the same sentence the command line prints."""
+        project = args.get("project")
+        if project is not None and not PROJECT_RE.match(project):
+            raise BackfillError(f"not a project name: {project!r}")
+        project_from = args.get("project_from")
+        if project_from is not None and project_from not in ("folder", "window"):
+            raise BackfillError(f"project_from must be 'folder' or 'window', got "
+                                f"{project_from!r}")
+        if project is not None and project_from is not None:
+            raise BackfillError("project and project_from cannot be combined")
+        try:
+            windows = tuple(parse_window(w) for w in args.get("window", ()))
+        except ValueError as exc:
+            raise BackfillError(str(exc)) from None
+        out = args.get("out")
+        return cls(tuple(Path(c) for c in args.get("csv", ())), project, project_from, windows,
+                   tuple(Path(r) for r in args.get("image_root", ())),
+                   Path(out) if out else None, bool(args.get("execute", False)))
+
+
+def backfill_options(request: BackfillRequest, settings: Settings) -> BackfillOptions:
+    """The options of a run, from a request and the settings (CLI and trigger alike)."""
+    windows = request.windows
     clash = overlapping_windows(windows)
     if clash:
         raise BackfillError(f"--window ranges overlap: {clash[0].project} and {clash[1].project}")
     project_from: ProjectFrom
-    if args.project:
+    if request.project:
         project_from = "fixed"
         if windows:
             raise BackfillError("--window cannot be combined with --project")
-    elif args.project_from:
-        project_from = args.project_from
+    elif request.project_from:
+        project_from = request.project_from  # type: ignore[assignment]
     else:
         project_from = "window" if windows else "folder"
     return BackfillOptions(
-        csv_paths=tuple(args.csv),
+        csv_paths=request.csv,
         out_dir=default_out_dir(settings),
         data_root=settings.data_root,
         forbidden_dirs=(settings.decisions_dir,),
-        execute=args.execute,
-        project=args.project,
+        execute=request.execute,
+        project=request.project,
         project_from=project_from,
         windows=windows,
-        image_roots=tuple(p.expanduser() for p in args.image_root),
+        image_roots=tuple(p.expanduser() for p in request.image_roots),
         project_image_roots={name: tuple(settings.resolve(r) for r in cfg.image_roots)
                              for name, cfg in settings.projects.items()},
-        out=args.out.expanduser() if args.out else None,
+        out=request.out.expanduser() if request.out else None,
         full_frame_tolerance=settings.validation.full_frame_tolerance,
         first_rows=settings.validation.report_first_rows,
     )
@@ -135,7 +179,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``trainingd backfill``; returns the exit code."""
     now = datetime.now(UTC)
     try:
-        opts = _options(args, settings)
+        opts = backfill_options(BackfillRequest.from_args(args), settings)
         with progress("backfill.progress", unit="line", desc="backfill") as report, \
                 run_backfill(opts, progress=report) as outcome:
             json_path, md_path = write_report(opts, outcome, settings.summaries_dir, now)

@@ -5,16 +5,35 @@ NVIDIA H200 in fp16" or "failed: weights not found" and give the backlog an ETA,
 importing torch: the worker records these facts here, the service copies them into its
 heartbeat, and status reads the heartbeat.  Also decides which settings changes need a new
 model (a reload that changes only ``batch_size`` must not cost an 8 s model load).
-Pure bookkeeping: nothing here imports torch, touches files or raises.
+
+:class:`EmbedderLifecycle` owns the embedding stage across tasks: loaded when first needed (on
+the heavy lane, the GPU's one user), kept across reloads that do not change the model, disabled
+with a reason when the model cannot be had.  Nothing at import time pulls in torch: the stage
+and the device description are imported when a model is loaded.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from daemon.errors import EmbeddingError
 from daemon.settings import EmbeddingSettings, Settings
+from daemon.timeparse import iso_utc
+
+if TYPE_CHECKING:
+    from daemon.embedding.stage import EmbeddingStage, EmbedResult
+    from daemon.store.db import StateStore
+
+log = structlog.get_logger("embedding")
+#: the longest a model load may take before it counts as a stall (cold disk, CUDA init)
+MODEL_LOAD_SECONDS = 600.0
 
 #: the keys that decide which weights, on which device, in which precision produce a vector
 #: (and the embedder_id): a change of any of them needs a new model; the others (batch size,
@@ -77,3 +96,85 @@ def model_settings(settings: Settings) -> tuple[Any, ...]:
 
 def needs_new_model(old: Settings, new: Settings) -> bool:
     return model_settings(old) != model_settings(new)
+
+
+class EmbedderLifecycle:
+    """The embedding stage between tasks: ``not_loaded`` -> ``loading`` -> ``loaded`` or
+    ``failed`` (disabled until a reload).  ``model`` and ``rate`` are read by the heartbeat
+    on the main thread: they are replaced whole, never mutated."""
+
+    def __init__(self, settings: Settings, store: StateStore, *, embedder: Any = None,
+                 allow: Callable[[float, str], None] = lambda seconds, note: None) -> None:
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder  # an injected Embedder (tests, the demo), or None: load one
+        self.allow = allow
+        self.stage: EmbeddingStage | None = None
+        self.disabled: str | None = None
+        self.model = ModelState()
+        self.rate = EmbedRate()
+
+    def ready_stage(self) -> EmbeddingStage | None:
+        """The loaded stage, loading the model if needed; None while disabled."""
+        if self.stage is not None or self.disabled is not None:
+            return self.stage
+        try:
+            from daemon.embedding.stage import EmbeddingStage
+
+            started, loads = time.monotonic(), self.model.loads
+            self.model = ModelState("loading", since=_now(), loads=loads)
+            stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
+            # a cold start (disk, CUDA init) may take minutes: a bounded step, not a stall
+            self.allow(MODEL_LOAD_SECONDS, "loading the embedding model")
+            _ = stage.embedder  # load now: missing weights must surface here, not later
+            from daemon.embedding.model import describe_device
+
+            self.stage = stage
+            self.model = ModelState(
+                "loaded", since=_now(), load_seconds=round(time.monotonic() - started, 3),
+                embedder_id=stage.embedder.embedder_id, loads=loads + (self.embedder is None),
+                device=describe_device(stage.embedder))
+            log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id,
+                     load_seconds=self.model.load_seconds, loads=self.model.loads)
+        except (ImportError, EmbeddingError) as exc:
+            self.fail(exc, event="embedding.stage_disabled")
+        return self.stage
+
+    def fail(self, exc: BaseException, *, event: str = "embedding.stage_failed") -> None:
+        """The model cannot be had or broke: disabled until a reload (the candidates stay
+        recorded in the image index)."""
+        self.disabled = str(exc)
+        self.stage = None
+        self.model = ModelState("failed", since=_now(), error=str(exc)[:2000],
+                                loads=self.model.loads)
+        log.error(event, reason=str(exc))
+
+    def ran(self, result: EmbedResult) -> None:
+        """The recent rate and the device's memory, for the heartbeat (status ETA and GPU)."""
+        self.rate.add(result.embedded, result.duration_s)
+        if result.embedded and self.stage is not None:
+            from daemon.embedding.model import describe_device
+
+            self.model = self.model.with_device(describe_device(self.stage.embedder))
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Apply reloaded settings, keeping a loaded model whose own settings did not change
+        (a model load costs seconds; a new stage around it costs nothing)."""
+        old, self.settings = self.settings, settings
+        if self.stage is not None and not needs_new_model(old, settings):
+            if old.embedding != settings.embedding or old.cache_dir != settings.cache_dir:
+                from daemon.embedding.stage import EmbeddingStage
+
+                self.stage = EmbeddingStage(settings, self.store, embedder=self.stage.embedder)
+            log.info("embedding.model_kept", embedder_id=self.model.embedder_id)
+            return
+        if self.stage is not None:
+            log.info("embedding.model_dropped", embedder_id=self.model.embedder_id,
+                     reason="embedding settings changed; loaded again when next needed")
+        self.stage = None
+        self.disabled = None  # a reload is the operator's retry of a failed load
+        self.model = ModelState(loads=self.model.loads)
+
+
+def _now() -> str:
+    return iso_utc(datetime.now(UTC))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -113,3 +114,49 @@ def run_audit(store: StateStore, settings: Settings, rows: list[dict[str, Any]],
     if proc.returncode != 0:
         return AuditResult("failed", verdicts, tokens, f"hook exit status {proc.returncode}")
     return AuditResult("ok", verdicts, tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPass:
+    """One pass of the audit task: ``status`` as :class:`AuditResult`'s, or ``nothing flagged``."""
+
+    status: str
+    rows: int | None = None
+    tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status}
+        if self.rows is not None:
+            out.update(rows=self.rows, tokens=self.tokens)
+        return out
+
+
+def run_audit_pass(store: StateStore, settings: Settings, now: datetime, *,
+                   allow: Callable[[float, str], None] = lambda seconds, note: None
+                   ) -> AuditPass:
+    """Send rows newly flagged with warnings to the hook, within the token budget; advance the
+    mark and append the verdicts to ``audit_verdicts.jsonl`` only when the hook answered."""
+    from daemon.fsutil import atomic_write_text
+    from daemon.store.issue_repo import IssueRepo
+    from daemon.timeparse import iso_utc
+
+    if not settings.audit.command:
+        return AuditPass("disabled")
+    mark = int(store.get_meta("audit.last_issue_id") or 0)
+    flagged = IssueRepo(store).flagged_after(mark, settings.audit.max_rows_per_call)
+    if not flagged:
+        return AuditPass("nothing flagged")
+    # the hook is killed after audit.timeout_seconds: its own bound, not a stall
+    allow(settings.audit.timeout_seconds + 30, "audit hook")
+    result = run_audit(store, settings, [r.to_dict() for r in flagged], now)
+    if result.status == "ok":
+        with store.transaction():
+            store.set_meta("audit.last_issue_id", str(flagged[-1].issue_id))
+        ledger = settings.summaries_dir / "audit_verdicts.jsonl"
+        old = ledger.read_text() if ledger.exists() else ""
+        atomic_write_text(ledger, old + "".join(
+            json.dumps({"at": iso_utc(now), "verdict": v}, default=str) + "\n"
+            for v in result.verdicts))
+    log.info("training.audit_ran", status=result.status, rows=len(flagged),
+             tokens=result.tokens_used, reason=result.reason or None)
+    return AuditPass(result.status, len(flagged), result.tokens_used)
