@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from daemon.settings import Settings
+from daemon.tasks import TaskKind
 from daemon.workqueue import Task
 
 log = structlog.get_logger("jobs")
@@ -35,7 +36,7 @@ class Jobs:
         # a summary missed while the daemon was down past its hour is written now, from the
         # data (only at start: a SIGHUP re-registers the jobs but misses no day)
         if settings.summary.backfill_days > 0:
-            self.put(Task("summary", args=(("catch_up", True),), urgent=True))
+            self.put(Task(TaskKind.SUMMARY, args=(("catch_up", True),), urgent=True))
 
     def register(self, settings: Settings) -> None:
         """(Re)register every job from ``settings``."""
@@ -49,17 +50,17 @@ class Jobs:
         common = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600}
         self.scheduler.add_job(self._enqueue, CronTrigger(hour=hour, minute=minute,
                                                           timezone=svc.timezone),
-                               args=["summary"], id="daily_summary", **common)
+                               args=[TaskKind.SUMMARY], id="daily_summary", **common)
         self.scheduler.add_job(self._enqueue, IntervalTrigger(minutes=watch.reconcile_minutes),
-                               args=["reconcile"], id="reconcile", **common)
+                               args=[TaskKind.RECONCILE], id="reconcile", **common)
         self.scheduler.add_job(self._enqueue,
                                IntervalTrigger(minutes=svc.retrain_check_minutes),
-                               args=["retrain_check"], id="retrain_check", **common)
+                               args=[TaskKind.RETRAIN_CHECK], id="retrain_check", **common)
         log.info("jobs.registered", jobs=[
             {"id": j.id, "next_run": str(getattr(j, "next_run_time", None))}
             for j in self.scheduler.get_jobs()])
 
-    def _enqueue(self, kind: str) -> None:
+    def _enqueue(self, kind: TaskKind) -> None:
         self.put(Task(kind, urgent=True))
 
     def stop(self) -> None:

@@ -1,51 +1,76 @@
 """The order of stages for one task.  The only room that imports many rooms.
 
-Runs on the one worker thread: the only writer of the state DB, the only user of the GPU.
-Every handler is idempotent (a crash replays the task), decides its work by querying the state
-DB and the files themselves (events are only wake-ups), and returns a small dict that becomes
-the trigger's result file or the log line.  Stages of later issues (embedding, training) are
-imported lazily, so ``validate`` never pays for torch.
+Each :class:`~daemon.tasks.TaskKind` has one handler in :attr:`Pipeline.handlers` (an explicit
+map: no dispatch by string), and each handler only orders the stages of rooms that own the
+work: validation (:mod:`daemon.validation`), sidecars (:mod:`daemon.sidecar_record`), the image
+index (:mod:`daemon.images`), the embedder's lifecycle (:mod:`daemon.embedding.lifecycle`), the
+audit pass (:mod:`daemon.training.audit`), training, reports, backfill
+(:mod:`daemon.backfill_cli` shares its options with the trigger).  Handlers return typed
+results (:mod:`daemon.tasks`).
+
+Handlers run on two lanes (:mod:`daemon.lanes`): the fast lane (validate, sidecar, image, scan,
+reconcile, inspect, pause/resume) and the heavy lane (embed, train, audit, summary, backfill).
+What both touch is the state DB (the store's transaction lock makes them take turns) and
+``recent_images`` (guarded here).  Every handler is idempotent (a crash replays the task) and
+decides its work by querying the state DB and the files themselves (events are only wake-ups).
+Heavy rooms are imported lazily, so ``validate`` never pays for torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from daemon.embedding.lifecycle import EmbedRate, ModelState, needs_new_model
+from daemon.embedding.lifecycle import EmbedderLifecycle, EmbedRate, ModelState
 from daemon.errors import DaemonError, EmbeddingError
+from daemon.files import in_delete_staging
 from daemon.health import Progress
 from daemon.images import ImageIndex, iter_files
-from daemon.records import ImageCandidate, Issue, ProjectResult
+from daemon.lanes import ThreadProgress
+from daemon.records import ImageCandidate, ProjectResult
 from daemon.settings import Settings
+from daemon.sidecar_record import record_sidecars
 from daemon.store.db import StateStore
-from daemon.timeparse import iso_utc
+from daemon.store.issue_repo import IMAGE_KEY, IssueRepo
+from daemon.store.sidecar_repo import SidecarRepo
+from daemon.tasks import (
+    BackfillRan,
+    EmbedSkipped,
+    ImagesIndexed,
+    Lane,
+    Paused,
+    Reconciled,
+    ReportWritten,
+    RetrainChecked,
+    Scanned,
+    SidecarsRecorded,
+    SummariesWrittenLate,
+    TaskKind,
+    TaskResult,
+    Validated,
+    kind_of,
+)
 from daemon.validation import ProjectSource, Validator, discover_projects
 from daemon.workqueue import Task
 
 log = structlog.get_logger("pipeline")
 
-SIDECAR_KEY = "#sidecar:"
-#: the longest a model load may take before it counts as a stall (cold disk, CUDA init)
-MODEL_LOAD_SECONDS = 600.0
-IMAGE_KEY = "#image:"
+ShouldStop = Callable[[], bool]
+Handler = Callable[[Task, ShouldStop], TaskResult]
 
 
 class Pipeline:
     def __init__(self, settings: Settings, store: StateStore, put: Callable[[Task], None], *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 embedder: Any = None, progress: Progress | None = None) -> None:
+                 embedder: Any = None, progress: Progress | ThreadProgress | None = None
+                 ) -> None:
         self.settings = settings
-        #: bumped as work moves (the service's health tick reads it: daemon.health)
+        #: bumped as work moves (the service's health tick reads it per lane: daemon.health)
         self.progress = progress if progress is not None else Progress()
         self.store = store
         self.put = put
@@ -53,33 +78,51 @@ class Pipeline:
         self.validator = self._validator(settings)
         self.index = ImageIndex(store)
         self.paused = False
-        self.embedder = embedder
-        self._embedding: Any = None
-        self.embedding_disabled: str | None = None
-        self.recent_images: dict[str, set[str]] = {}
-        #: read by the service's heartbeat (main thread): replaced whole, never mutated
-        self.model = ModelState()
-        self.embed_rate = EmbedRate()
+        self.embedding = EmbedderLifecycle(settings, store, embedder=embedder,
+                                           allow=self.progress.allow)
+        #: file names of rows just validated (fast lane) that the next embed takes first
+        #: (heavy lane)
+        self._recent: dict[str, set[str]] = {}
+        self._recent_lock = threading.Lock()
+        self.handlers: Mapping[TaskKind, Handler] = {
+            TaskKind.VALIDATE: self._do_validate, TaskKind.IMAGE: self._do_image,
+            TaskKind.SCAN: self._do_scan, TaskKind.SIDECAR: self._do_sidecar,
+            TaskKind.EMBED: self._do_embed, TaskKind.RETRAIN_CHECK: self._do_retrain_check,
+            TaskKind.AUDIT: self._do_audit, TaskKind.RETRAIN: self._do_retrain,
+            TaskKind.SUMMARY: self._do_summary, TaskKind.INSPECT: self._do_inspect,
+            TaskKind.BACKFILL: self._do_backfill, TaskKind.RECONCILE: self._do_reconcile,
+            TaskKind.PAUSE: self._do_pause, TaskKind.RESUME: self._do_resume,
+        }
+
+    # -- what the heartbeat reads (main thread) ---------------------------------------------------
+
+    @property
+    def model(self) -> ModelState:
+        return self.embedding.model
+
+    @property
+    def embed_rate(self) -> EmbedRate:
+        return self.embedding.rate
+
+    @property
+    def embedding_disabled(self) -> str | None:
+        return self.embedding.disabled
 
     def reconfigure(self, settings: Settings) -> None:
-        """Apply reloaded settings between tasks, keeping a loaded model whose own settings did
-        not change (a model load costs seconds; a new stage around it costs nothing)."""
-        old, self.settings = self.settings, settings
+        """Apply reloaded settings between tasks (a loaded model is kept when its own settings
+        did not change: :class:`EmbedderLifecycle`)."""
+        self.settings = settings
         self.validator = self._validator(settings)
-        if self._embedding is not None and not needs_new_model(old, settings):
-            if old.embedding != settings.embedding or old.cache_dir != settings.cache_dir:
-                from daemon.embedding.stage import EmbeddingStage
+        self.embedding.reconfigure(settings)
 
-                self._embedding = EmbeddingStage(settings, self.store,
-                                                 embedder=self._embedding.embedder)
-            log.info("embedding.model_kept", embedder_id=self.model.embedder_id)
-            return
-        if self._embedding is not None:
-            log.info("embedding.model_dropped", embedder_id=self.model.embedder_id,
-                     reason="embedding settings changed; loaded again when next needed")
-        self._embedding = None
-        self.embedding_disabled = None  # a reload is the operator's retry of a failed load
-        self.model = ModelState(loads=self.model.loads)
+    def reconfigure_lane(self, lane: Lane, settings: Settings) -> None:
+        """The part of :meth:`reconfigure` a lane owns, applied by that lane between its own
+        tasks: the fast lane's validator, the heavy lane's embedding stage."""
+        if lane is Lane.FAST:
+            self.settings = settings
+            self.validator = self._validator(settings)
+        else:
+            self.embedding.reconfigure(settings)
 
     def _validator(self, settings: Settings) -> Validator:
         return Validator(self.store, settings, clock=self.clock, collect_images=True,
@@ -87,12 +130,17 @@ class Pipeline:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def handle(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        handler = getattr(self, f"_do_{task.kind}", None)
+    def run(self, task: Task, should_stop: ShouldStop) -> TaskResult:
+        """The typed result of ``task``; DaemonError for a kind no handler takes."""
+        kind = kind_of(task.kind)
+        handler = self.handlers.get(kind) if kind is not None else None
         if handler is None:
             raise DaemonError(f"no handler for task kind {task.kind!r}")
-        result: dict[str, Any] = handler(task, should_stop)
-        return result
+        return handler(task, should_stop)
+
+    def handle(self, task: Task, should_stop: ShouldStop) -> dict[str, Any]:
+        """:meth:`run`, as the dict the trigger result file and the log line hold."""
+        return self.run(task, should_stop).to_dict()
 
     def image_roots(self) -> dict[Path, str]:
         return image_roots_of(self.settings)
@@ -103,9 +151,12 @@ class Pipeline:
     def _source(self, project: str) -> ProjectSource | None:
         return next((s for s in discover_projects(self.settings) if s.project == project), None)
 
-    # -- validation -----------------------------------------------------------------------------
+    def _roots(self, project: str) -> list[Path]:
+        return [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
 
-    def _do_validate(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    # -- validation (fast lane) -----------------------------------------------------------------
+
+    def _do_validate(self, task: Task, should_stop: ShouldStop) -> Validated:
         full = bool(task.arg("full", False))
         sources = discover_projects(self.settings)
         if task.project is not None:
@@ -115,7 +166,7 @@ class Pipeline:
             if should_stop():
                 break
             results.append(self._validate(src, full=full, hints=task.hints))
-        return {"projects": [r.to_dict() for r in results]}
+        return Validated(tuple(results))
 
     def _validate(self, src: ProjectSource, *, full: bool = False,
                   hints: frozenset[str] = frozenset()) -> ProjectResult:
@@ -124,13 +175,14 @@ class Pipeline:
         names = self.validator.take_checked_images(src.project)
         if names:
             # images of rows just checked are embedded first: their losers are deleted soon
-            self.recent_images.setdefault(src.project, set()).update(names)
-            self.put(Task("embed", src.project))
+            with self._recent_lock:
+                self._recent.setdefault(src.project, set()).update(names)
+            self.put(Task(TaskKind.EMBED, src.project))
         return result
 
-    # -- files ----------------------------------------------------------------------------------
+    # -- files (fast lane) ----------------------------------------------------------------------
 
-    def _do_image(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_image(self, task: Task, should_stop: ShouldStop) -> ImagesIndexed:
         assert task.project is not None
         now = self.clock()
         counts: dict[str, int] = {}
@@ -138,262 +190,137 @@ class Pipeline:
             for path in sorted(task.paths):
                 state = self.index.observe(task.project, Path(path), now)
                 counts[state] = counts.get(state, 0) + 1
-        if counts.get("new") or counts.get("changed"):
-            self.put(Task("embed", task.project))
+        result = ImagesIndexed(counts)
+        if result.needs_embedding:
+            self.put(Task(TaskKind.EMBED, task.project))
         log.info("images.indexed", project=task.project, **counts)
-        return counts
+        return result
 
-    def _do_scan(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_scan(self, task: Task, should_stop: ShouldStop) -> Scanned:
         """A folder appeared, moved or vanished under an image root: rescan that project."""
         assert task.project is not None
         return self._scan_project(task.project)
 
-    def _scan_project(self, project: str) -> dict[str, Any]:
-        roots = [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
+    def _scan_project(self, project: str) -> Scanned:
+        roots = [r for r in self._roots(project) if r.is_dir()]
         self.progress.beat(f"scanning the image roots of {project}")
-        counts = self.index.scan(project, [r for r in roots if r.is_dir()], self.clock(),
-                                 progress=self.progress.beat)
-        sidecars = sorted(str(p) for r in roots if r.is_dir()
-                          for p in iter_files(r, frozenset({".decision"})))
-        known = {r[0] for r in self.store.conn.execute(
-            "SELECT path FROM sidecars WHERE project = ? AND gone_at IS NULL", (project,))}
-        stats = self._sidecars(project, set(sidecars) | known)
-        if counts["new"] or counts["changed"]:
-            self.put(Task("embed", project))
-        log.info("images.scanned", project=project, **counts, sidecars=len(sidecars))
-        return {"images": counts, "sidecars": stats}
+        images = ImagesIndexed(self.index.scan(project, roots, self.clock(),
+                                               progress=self.progress.beat))
+        sidecars = {str(p) for r in roots for p in iter_files(r, frozenset({".decision"}))}
+        stats = self._sidecars(project, sidecars | SidecarRepo(self.store).known_paths(project))
+        if images.needs_embedding:
+            self.put(Task(TaskKind.EMBED, project))
+        log.info("images.scanned", project=project, **images.counts, sidecars=len(sidecars))
+        return Scanned(images, stats)
 
-    def _do_sidecar(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_sidecar(self, task: Task, should_stop: ShouldStop) -> SidecarsRecorded:
         assert task.project is not None
         return self._sidecars(task.project, set(task.paths))
 
-    def _sidecars(self, project: str, paths: set[str]) -> dict[str, Any]:
-        """Parse, record and link sidecars; re-check exactly the rows they name."""
-        from daemon import sidecars as sc
-
-        now = self.clock()
-        roots = [self.settings.resolve(r) for r in self.settings.projects[project].image_roots]
+    def _sidecars(self, project: str, paths: set[str]) -> SidecarsRecorded:
         # the reviewer commits the row before it writes the sidecar: catch up first, so a
         # brand-new sidecar is not reported as an orphan
         src = self._source(project)
         if src is not None:
             self._validate(src)
-        hints: dict[str, set[str]] = {}
-        stats = {"parsed": 0, "gone": 0, "issues": 0}
-        with self.store.transaction():
-            for raw in sorted(paths):
-                self.progress.beat(f"sidecar {raw}")
-                path = Path(raw)
-                root = next((r for r in roots if r == path or r in path.parents), None)
-                key = SIDECAR_KEY + raw
-                # a FIFO, a folder or a link named *.decision is not "gone": parse_sidecar
-                # turns it into sidecar_unreadable (it opens regular files only)
-                if root is None or not os.path.lexists(path):
-                    self.store.conn.execute(
-                        "UPDATE sidecars SET gone_at = ? WHERE path = ? AND gone_at IS NULL",
-                        (iso_utc(now), raw))
-                    self.store.replace_issues(project, [key], [], now)
-                    stats["gone"] += 1
-                    continue
-                parsed = sc.parse_sidecar(path, project=project, image_root=root)
-                issues: list[Issue] = []
-                size: int | None = None
-                mtime_ns: int | None = None
-                with contextlib.suppress(OSError):  # vanished since: the next scan says so
-                    st = os.lstat(path)
-                    size, mtime_ns = st.st_size, st.st_mtime_ns
-                if isinstance(parsed, Issue):
-                    issues.append(parsed)
-                    kind = group_id = project_id = None
-                    role = sc.folder_role(path, root)
-                else:
-                    kind, group_id, project_id = parsed.kind, parsed.group_id, parsed.project_id
-                    role = parsed.folder_role
-                    row = self.store.conn.execute(
-                        "SELECT project FROM row_state WHERE group_id = ? LIMIT 1",
-                        (parsed.group_id,)).fetchone()
-                    image_present = any(path.with_name(parsed.image_stem + ext).exists()
-                                        for ext in (".png", ".jpg", ".jpeg", ".PNG", ".JPG"))
-                    issues.extend(sc.check_sidecar_link(
-                        parsed, row_exists=row is not None, row_project=row[0] if row else None,
-                        image_present=image_present, expected_project=project))
-                    if row is not None:
-                        hints.setdefault(row[0], set()).add(parsed.group_id)
-                self.store.conn.execute(
-                    "INSERT OR REPLACE INTO sidecars (path, project, kind, group_id, project_id, "
-                    "folder_role, size, mtime_ns, seen_at, gone_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,NULL)",
-                    (raw, project, kind, group_id, project_id, role, size, mtime_ns,
-                     iso_utc(now)))
-                self.store.replace_issues(project, [key], [(key, i) for i in issues], now)
-                stats["parsed"] += 1
-                stats["issues"] += len(issues)
-        for target, gids in hints.items():
-            self.put(Task("validate", target, hints=frozenset(gids), urgent=True))
-        log.info("sidecars.processed", project=project, **stats, rows_to_recheck=sum(
-            len(g) for g in hints.values()))
-        return stats
+        done = record_sidecars(self.store, project, paths, self._roots(project), self.clock(),
+                               beat=self.progress.beat)
+        for target, gids in done.recheck.items():
+            self.put(Task(TaskKind.VALIDATE, target, hints=gids, urgent=True))
+        log.info("sidecars.processed", project=project, **done.stats.to_dict(),
+                 rows_to_recheck=sum(len(g) for g in done.recheck.values()))
+        return done.stats
 
-    # -- embedding ------------------------------------------------------------------------------
+    # -- embedding (heavy lane) -----------------------------------------------------------------
 
-    def _embedding_stage(self) -> Any:
-        if self._embedding is None and self.embedding_disabled is None:
-            try:
-                from daemon.embedding.stage import EmbeddingStage
-
-                started, loads = time.monotonic(), self.model.loads
-                self.model = ModelState("loading", since=iso_utc(datetime.now(UTC)),
-                                        loads=loads)
-                stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
-                # a cold start (disk, CUDA init) may take minutes: a bounded step, not a stall
-                self.progress.allow(MODEL_LOAD_SECONDS, "loading the embedding model")
-                _ = stage.embedder  # load now: missing weights must surface here, not later
-                self._embedding = stage
-                from daemon.embedding.model import describe_device
-
-                self.model = ModelState(
-                    "loaded", since=iso_utc(datetime.now(UTC)),
-                    load_seconds=round(time.monotonic() - started, 3),
-                    embedder_id=stage.embedder.embedder_id,
-                    loads=loads + (self.embedder is None), device=describe_device(stage.embedder))
-                log.info("embedding.stage_ready", embedder_id=stage.embedder.embedder_id,
-                         load_seconds=self.model.load_seconds, loads=self.model.loads)
-            except (ImportError, EmbeddingError) as exc:
-                self.embedding_disabled = str(exc)
-                self.model = ModelState("failed", since=iso_utc(datetime.now(UTC)),
-                                        error=str(exc)[:2000], loads=self.model.loads)
-                log.error("embedding.stage_disabled", reason=str(exc))
-        return self._embedding
-
-    def _do_embed(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_embed(self, task: Task, should_stop: ShouldStop) -> TaskResult:
         present = self.index.present(task.project)
-        recent = set().union(*self.recent_images.values()) if self.recent_images else set()
+        with self._recent_lock:
+            recent = set().union(*self._recent.values()) if self._recent else set()
         # first: images of rows that just arrived, and losers waiting in delete staging: both
         # may be deleted soon after review, and an embedding not taken then is data lost
-        candidates = [ImageCandidate(p, name, path, 0 if name in recent or any(
-                          part in ("__delete_staging", "delete_staging") for part in path.parts)
-                          else 1)
+        candidates = [ImageCandidate(p, name, path, 0 if name in recent
+                                     or in_delete_staging(path) else 1)
                       for p, name, path in present]
         if not candidates:
-            return {"queued": 0, "embedded": 0}
-        stage = self._embedding_stage()
+            return EmbedSkipped()
+        stage = self.embedding.ready_stage()
         if stage is None:
             # recorded, not lost: the candidates stay in the image index for a later run
             log.info("embedding.queue_recorded", project=task.project, images=len(candidates),
-                     reason=self.embedding_disabled)
-            return {"queued": len(candidates), "embedded": 0, "disabled": self.embedding_disabled}
+                     reason=self.embedding.disabled)
+            return EmbedSkipped(len(candidates), disabled=self.embedding.disabled)
         try:
             result = stage.run(candidates, limit=task.arg("limit"), should_stop=should_stop)
         except EmbeddingError as exc:
-            self.embedding_disabled = str(exc)
-            self._embedding = None
-            self.model = ModelState("failed", since=iso_utc(datetime.now(UTC)),
-                                    error=str(exc)[:2000], loads=self.model.loads)
-            log.error("embedding.stage_failed", error=str(exc))
-            return {"error": str(exc)}
-        self._after_embed_run(stage, result)
-        self.recent_images.clear()
-        self._record_image_issues(result)
-        return result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+            self.embedding.fail(exc)
+            return EmbedSkipped(error=str(exc))
+        self.embedding.ran(result)
+        with self._recent_lock:
+            self._recent.clear()
+        self._record_image_issues(result.issues)
+        return result
 
-    def _after_embed_run(self, stage: Any, result: Any) -> None:
-        """The recent rate and the device's memory, for the heartbeat (status ETA and GPU)."""
-        self.embed_rate.add(int(getattr(result, "embedded", 0)),
-                            float(getattr(result, "duration_s", 0.0)))
-        if getattr(result, "embedded", 0):
-            from daemon.embedding.model import describe_device
-
-            self.model = self.model.with_device(describe_device(stage.embedder))
-
-    def _record_image_issues(self, result: Any) -> None:
+    def _record_image_issues(self, issues: Any) -> None:
         """Bad images become issue records beside bad rows and sidecars (keyed by path), and
         leave again once the file embeds fine (its bytes changed)."""
         now = self.clock()
         with self.store.transaction():
-            for issue in getattr(result, "issues", ()):
+            for issue in issues:
                 key = IMAGE_KEY + issue.db_file
                 self.store.replace_issues(issue.project, [key], [(key, issue)], now)
-            self.store.conn.execute(
-                "DELETE FROM issues WHERE row_key LIKE '#image:%' AND EXISTS (SELECT 1 FROM "
-                "embed_files f WHERE f.project = issues.project AND f.status = 'ok' AND "
-                "'#image:' || f.path = issues.row_key)")
+            IssueRepo(self.store).clear_healed_image_issues()
 
-    # -- training and reports -------------------------------------------------------------------
+    # -- training and reports (heavy lane) ------------------------------------------------------
 
-    def _do_retrain_check(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_retrain_check(self, task: Task, should_stop: ShouldStop) -> RetrainChecked:
         try:
             from daemon.training.policy import retrain_decision
         except ImportError:
-            return {"skipped": "training room not installed"}
-        out: dict[str, Any] = {}
+            return RetrainChecked(skipped="training room not installed")
         if self.settings.audit.command:
-            self.put(Task("audit", urgent=True))
+            self.put(Task(TaskKind.AUDIT, urgent=True))
+        decisions: dict[str, tuple[bool, str, TaskResult | None]] = {}
         for kind in ("ranker", "crop"):
             decision = retrain_decision(self.store, self.settings, kind, self.clock())
-            out[kind] = {"due": decision.due, "reason": decision.reason}
-            if decision.due and not should_stop():
-                out[kind]["outcome"] = self._train(kind, force=False, should_stop=should_stop)
-        return out
+            outcome = (self._train(kind, force=False, should_stop=should_stop)
+                       if decision.due and not should_stop() else None)
+            decisions[kind] = (decision.due, decision.reason, outcome)
+        return RetrainChecked(decisions=decisions)
 
-    def _do_audit(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        """Send rows newly flagged with warnings to the audit hook, within the token budget."""
-        from daemon.training.audit import run_audit
+    def _do_audit(self, task: Task, should_stop: ShouldStop) -> TaskResult:
+        from daemon.training.audit import run_audit_pass
 
-        if not self.settings.audit.command:
-            return {"status": "disabled"}
-        mark = int(self.store.get_meta("audit.last_issue_id") or 0)
-        rows = [dict(zip(("issue_id", "project", "group_id", "rowid", "code", "field",
-                          "value_repr", "message"), r, strict=True))
-                for r in self.store.conn.execute(
-                    "SELECT id, project, group_id, src_rowid, code, field, value_repr, message "
-                    "FROM issues WHERE id > ? AND severity = 'warning' AND src_rowid IS NOT "
-                    "NULL ORDER BY id LIMIT ?", (mark, self.settings.audit.max_rows_per_call))]
-        if not rows:
-            return {"status": "nothing flagged"}
-        # the hook is killed after audit.timeout_seconds: its own bound, not a stall
-        self.progress.allow(self.settings.audit.timeout_seconds + 30, "audit hook")
-        result = run_audit(self.store, self.settings, rows, self.clock())
-        if result.status == "ok":
-            with self.store.transaction():
-                self.store.set_meta("audit.last_issue_id", str(rows[-1]["issue_id"]))
-            from daemon.fsutil import atomic_write_text
+        return run_audit_pass(self.store, self.settings, self.clock(),
+                              allow=self.progress.allow)
 
-            ledger = self.settings.summaries_dir / "audit_verdicts.jsonl"
-            old = ledger.read_text() if ledger.exists() else ""
-            atomic_write_text(ledger, old + "".join(
-                json.dumps({"at": iso_utc(self.clock()), "verdict": v}, default=str) + "\n"
-                for v in result.verdicts))
-        log.info("training.audit_ran", status=result.status, rows=len(rows),
-                 tokens=result.tokens_used, reason=result.reason or None)
-        return {"status": result.status, "rows": len(rows), "tokens": result.tokens_used}
-
-    def _do_retrain(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_retrain(self, task: Task, should_stop: ShouldStop) -> TaskResult:
         model = task.arg("model", "ranker")
         return self._train(model, force=bool(task.arg("force", False)), should_stop=should_stop)
 
-    def _train(self, kind: str, *, force: bool, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _train(self, kind: str, *, force: bool, should_stop: ShouldStop) -> TaskResult:
         from daemon.training.runner import train_model
 
         # the training process is watched through should_stop (polled every second, and
-        # bounded by training.timeout_minutes) and its progress events: never a stall
-        outcome = train_model(self.settings, kind, force=force,  # type: ignore[arg-type]
-                              should_stop=should_stop,
-                              progress=lambda e: self.progress.beat(f"training {kind}"))
-        return outcome.to_dict() if hasattr(outcome, "to_dict") else dict(vars(outcome))
+        # bounded by training.timeout_minutes) and its progress events: never a stall.  The
+        # run is recorded through our store: no second writable connection in the process
+        return train_model(self.settings, kind, force=force,  # type: ignore[arg-type]
+                           should_stop=should_stop, store=self.store,
+                           progress=lambda e: self.progress.beat(f"training {kind}"))
 
-    def _do_summary(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_summary(self, task: Task, should_stop: ShouldStop) -> TaskResult:
         from daemon.summary import write_daily_summary, write_missed_summaries
 
         if task.arg("catch_up"):
             # at start: days missed while the daemon was down, written late from the data
             written = write_missed_summaries(self.settings, self.store, self.clock(),
                                              beat=self.progress.beat, should_stop=should_stop)
-            return {"written_late": [str(p) for p in written]}
+            return SummariesWrittenLate(tuple(str(p) for p in written))
         json_path, md_path = write_daily_summary(self.settings, self.store, self.clock(),
                                                  beat=self.progress.beat)
-        return {"json": str(json_path), "markdown": str(md_path)}
+        return ReportWritten(str(json_path), str(md_path))
 
-    def _do_inspect(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_inspect(self, task: Task, should_stop: ShouldStop) -> ReportWritten:
         from daemon.reports import build_inspection, write_inspection
 
         sources = discover_projects(self.settings)
@@ -404,69 +331,51 @@ class Pipeline:
         report = build_inspection(sources, results, self.store, now=now,
                                   first_rows=self.settings.validation.report_first_rows)
         json_path, md_path = write_inspection(report, self.settings.summaries_dir, now)
-        return {"json": str(json_path), "markdown": str(md_path), **report["totals"]}
+        return ReportWritten(str(json_path), str(md_path), dict(report["totals"]))
 
-    def _do_backfill(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_backfill(self, task: Task, should_stop: ShouldStop) -> TaskResult:
         from daemon.backfill import run_backfill, write_report
-        from daemon.backfill_cli import _options, add_backfill_parser
+        from daemon.backfill_cli import BackfillRequest, backfill_options
 
-        argv = ["backfill", *task.arg("csv", [])]
-        if task.arg("project"):
-            argv += ["--project", task.arg("project")]
-        if task.arg("project_from"):
-            argv += ["--project-from", task.arg("project_from")]
-        for window in task.arg("window", []):
-            argv += ["--window", window]
-        for root in task.arg("image_root", []):
-            argv += ["--image-root", root]
-        if task.arg("out"):
-            argv += ["--out", task.arg("out")]
-        if task.arg("execute"):
-            argv.append("--execute")
-        args = _parse_strict(add_backfill_parser, argv)
-        opts = _options(args, self.settings)
+        opts = backfill_options(BackfillRequest.from_trigger(dict(task.args)), self.settings)
         with run_backfill(opts) as outcome:
             json_path, _ = write_report(opts, outcome, self.settings.summaries_dir,
                                         self.clock())
-            result = {"converted": outcome.converted, "rejected": outcome.rejected,
-                      "created": [str(p) for p in outcome.created], "report": str(json_path)}
+            result = BackfillRan(outcome.converted, outcome.rejected,
+                                 tuple(str(p) for p in outcome.created), str(json_path))
         if opts.execute:
-            self.put(Task("reconcile", urgent=True))
+            self.put(Task(TaskKind.RECONCILE, urgent=True))
         return result
 
-    # -- whole-system passes --------------------------------------------------------------------
+    # -- whole-system passes (fast lane) --------------------------------------------------------
 
-    def _do_reconcile(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        """Everything, from scratch: a missed event costs minutes, never data."""
-        out: dict[str, Any] = {"validated": [], "scanned": {}}
-        if self.image_roots() and self._embedding is None and self.embedding_disabled is None:
-            # load (or fail to find) the model now, at startup, not in front of the first commit
-            self._embedding_stage()
+    def _do_reconcile(self, task: Task, should_stop: ShouldStop) -> Reconciled:
+        """Everything, from scratch: a missed event costs minutes, never data.  The model is
+        loaded by the embed task this queues, on the heavy lane: never in front of a commit."""
+        validated: list[ProjectResult] = []
+        scanned: dict[str, Scanned] = {}
         for src in discover_projects(self.settings):
             if should_stop():
-                return out
-            out["validated"].append(self._validate(src).to_dict())
+                return Reconciled(tuple(validated), scanned, stopped=True)
+            validated.append(self._validate(src))
         for project, cfg in self.settings.projects.items():
             if should_stop():
-                return out
+                return Reconciled(tuple(validated), scanned, stopped=True)
             if cfg.image_roots:
-                out["scanned"][project] = self._scan_project(project)
-        self.put(Task("triggers", urgent=True))
-        self.put(Task("embed", urgent=True))
-        return out
+                scanned[project] = self._scan_project(project)
+        self.put(Task(TaskKind.TRIGGERS, urgent=True))
+        self.put(Task(TaskKind.EMBED, urgent=True))
+        return Reconciled(tuple(validated), scanned)
 
-    def _do_triggers(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        raise NotImplementedError  # the service claims triggers itself (it owns the box)
-
-    def _do_pause(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_pause(self, task: Task, should_stop: ShouldStop) -> Paused:
         self.paused = True
         log.info("pipeline.paused")
-        return {"paused": True}
+        return Paused(True)
 
-    def _do_resume(self, task: Task, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def _do_resume(self, task: Task, should_stop: ShouldStop) -> Paused:
         self.paused = False
         log.info("pipeline.resumed")
-        return {"paused": False}
+        return Paused(False)
 
 
 def image_roots_of(settings: Settings) -> dict[Path, str]:
@@ -476,16 +385,3 @@ def image_roots_of(settings: Settings) -> dict[Path, str]:
         for root in cfg.image_roots:
             roots[settings.resolve(root)] = name
     return roots
-
-
-class _StrictParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # never sys.exit inside the worker
-        raise ValueError(message)
-
-
-def _parse_strict(add: Callable[[Any, argparse.ArgumentParser], Any],
-                  argv: list[str]) -> argparse.Namespace:
-    parser = _StrictParser(prog="trigger")
-    common = _StrictParser(add_help=False)
-    add(parser.add_subparsers(dest="command", parser_class=_StrictParser), common)
-    return parser.parse_args(argv)

@@ -1,18 +1,24 @@
 """``trainingd run``: startup -> loop -> shutdown, as a systemd ``Type=notify`` service.
 
-Threads: the watchdog observer and APScheduler produce tasks; ONE worker thread does all work
-(one writer to the state DB, one user of the GPU); the main thread handles signals (handlers
-only set flags), checks health, pings the systemd watchdog and writes the heartbeat file that
-``trainingd status`` reads.  The main thread never waits on the worker, so it can always act.
+Threads: the watchdog observer and APScheduler produce tasks; two lanes (:mod:`daemon.lanes`)
+each run one worker thread: the fast lane validates rows, sidecars and images and runs
+triggers, the heavy lane embeds (the GPU's one user), trains, backfills and writes summaries,
+so a commit never waits behind an embedding batch or a training run.  Both write the state DB
+through the one store, whose transaction lock makes them take turns (transactions are short).
+The main thread handles signals (handlers only set flags), checks health, pings the systemd
+watchdog and writes the heartbeat file that ``trainingd status`` reads.  The main thread never
+waits on a lane, so it can always act.
 
-Health means *work is moving*, not "threads are alive": the worker bumps a progress stamp
-(:mod:`daemon.health`); a task without progress for ``service.stall_seconds`` is a stall: the
-pings stop, the stall is logged with the worker's stack, the heartbeat says ``stalled`` and the
-process exits 70 so systemd restarts it.  If the observer or the worker dies, the same.
+Health means *work is moving*, not "threads are alive": each lane bumps its own progress stamp
+(:mod:`daemon.health`); a task without progress for ``service.stall_seconds`` in either lane is
+a stall: the pings stop, the stall is logged with the lane's name and stack, the heartbeat says
+``stalled`` and the process exits 70 so systemd restarts it.  If the observer or a lane's
+thread dies, the same.  A pause (trigger) holds both lanes' tasks, except control tasks.
 
-SIGTERM/SIGINT: the current unit of work may finish within ``service.shutdown_budget_seconds``;
-after that the process ends with ``os._exit`` whatever the worker is doing (blocked in a system
-call, waiting on a decode thread): every write is transactional, so SQLite rolls back anything
+SIGTERM/SIGINT: the current unit of work in each lane may finish within
+``service.shutdown_budget_seconds`` (heavy tasks poll ``should_stop`` between chunks); after
+that the process ends with ``os._exit`` whatever a lane is doing (blocked in a system call,
+waiting on a decode thread): every write is transactional, so SQLite rolls back anything
 unfinished, never half-written.  A second SIGINT exits at once.  SIGHUP reloads the
 configuration; a reload that fails in any way is logged and the old configuration kept.
 
@@ -46,15 +52,17 @@ from daemon.errors import ConfigError, StoreError
 from daemon.fsutil import atomic_write_text, remove_abandoned_temps
 from daemon.health import Progress, describe_stall
 from daemon.jobs import Jobs
+from daemon.lanes import Lanes, LaneWorker, ThreadProgress
 from daemon.logs import PrerenderedLine
 from daemon.pipeline import Pipeline, image_roots_of
 from daemon.sdnotify import Notifier
 from daemon.settings import Settings, changed_sections, check_input_folders, load_settings
 from daemon.store.db import StateStore
+from daemon.tasks import CONTROL_KINDS, Failed, Lane, TaskKind, TaskResult, TriggersClaimed
 from daemon.timeparse import iso_utc
 from daemon.triggers import TriggerBox
 from daemon.watcher import Watcher, WatchPlan
-from daemon.workqueue import Backoff, Task, WorkQueue
+from daemon.workqueue import Backoff, Task
 
 if TYPE_CHECKING:
     from daemon.metrics import LiveFacts
@@ -67,7 +75,6 @@ _SECOND_SIGINT = PrerenderedLine("service.second_sigint", "warning", "service", 
 EXIT_HEALTH = 70  # EX_SOFTWARE: a thread died or work stalled; systemd restarts us
 #: failures of the environment, not of the input: worth a retry once space or access returns
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.OperationalError)
-ALWAYS_RUN = {"pause", "resume", "triggers"}
 
 
 def heartbeat_path(settings: Settings) -> Path:
@@ -89,15 +96,17 @@ class Service:
         self.stop_requested = False
         self.reload_requested = False
         self.sigints = 0
-        self.pending_settings: Settings | None = None
-        self.current: Task | None = None
-        self.current_since: float | None = None
+        #: reloaded settings each lane applies between its tasks (lane -> settings)
+        self.pending_settings: dict[Lane, Settings] = {}
         self.tasks_done = 0
         self.tasks_failed = 0
+        self._count_lock = threading.Lock()
         self.fatal: BaseException | None = None
-        self.deferred: dict[Any, Task] = {}
         self.started_at = datetime.now(UTC)
-        self.progress = Progress()
+        self.lanes = Lanes(settings.watcher.settle_seconds, settings.watcher.max_wait_seconds)
+        #: what the pipeline beats: routed to the stamp of the lane whose thread beats
+        self.progress = ThreadProgress(Progress())
+        self.stalled_lane: LaneWorker | None = None
         svc = settings.service
         self.backoff = Backoff(svc.retry_base_seconds, svc.retry_max_seconds)
         self.stalled = False
@@ -110,6 +119,24 @@ class Service:
         self.metrics = Metrics(lambda: self.settings, self._live_facts,
                                started_at=self.started_at)
         self.listener: Listener | None = None
+
+    # -- what the demo and tests read of a running service ---------------------------------------
+
+    @property
+    def queue(self) -> Lanes:
+        """Every lane's queue as one (depth, pending kinds, last event)."""
+        return self.lanes
+
+    @property
+    def current(self) -> Task | None:
+        """The task that has run longest of those running now, in any lane."""
+        busy = self.lanes.busiest()
+        return busy.current if busy else None
+
+    @property
+    def deferred(self) -> int:
+        """Tasks held by a pause, in all lanes."""
+        return self.lanes.held()
 
     # -- signals (handlers only set flags) ------------------------------------------------------
 
@@ -142,21 +169,20 @@ class Service:
             log.info("service.abandoned_temps_removed", count=swept)
         # quick_check; a damaged state DB is moved aside and rebuilt; applies migrations
         self.store = StateStore.open_checked(s.state_db, rebuild=self._rebuild_state)
-        self.queue = WorkQueue(s.watcher.settle_seconds, s.watcher.max_wait_seconds)
-        self.pipeline = Pipeline(s, self.store, self.queue.put, clock=self.clock,
+        self.pipeline = Pipeline(s, self.store, self.lanes.put, clock=self.clock,
                                  embedder=self.embedder, progress=self.progress)
         self.box = TriggerBox(s.triggers_dir, roots=self._allowed_roots,
                               projects=self.pipeline.projects)
         for signum, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
                                 (signal.SIGHUP, self._on_hup)):
             self._old_handlers[signum] = signal.signal(signum, handler)
-        # the initial reconcile is the worker's first task: the main thread stays responsive
-        self.queue.put(Task("reconcile", urgent=True))
+        # the initial reconcile is the fast lane's first task: the main thread stays responsive
+        self.lanes.put(Task(TaskKind.RECONCILE, urgent=True))
         self.watcher = self._start_watcher(s)
-        self.jobs = Jobs(self.queue.put)
+        self.jobs = Jobs(self.lanes.put)
         self.jobs.start(s)
-        self.worker = threading.Thread(target=self._work, name="worker", daemon=True)
-        self.worker.start()
+        for lane in self.lanes:
+            lane.start(self._work)
         if s.metrics.listen:  # after every thread it reports on exists
             from daemon.metrics import start_listener
 
@@ -186,7 +212,7 @@ class Service:
             log.error("service.state_db_unusable", problem=problem, error=str(exc),
                       action="exiting so systemd restarts us")
             return False
-        self.queue.put(Task("reconcile", urgent=True))
+        self.lanes.put(Task(TaskKind.RECONCILE, urgent=True))
         return True
 
     def _allowed_roots(self) -> list[Path]:
@@ -194,7 +220,7 @@ class Service:
 
     def _start_watcher(self, s: Settings) -> Watcher:
         plan = WatchPlan(s.decisions_dir, s.triggers_dir, image_roots_of(s))
-        watcher = Watcher(plan, self.queue.put, observer=s.watcher.observer,
+        watcher = Watcher(plan, self.lanes.put, observer=s.watcher.observer,
                           polling_interval_seconds=s.watcher.polling_interval_seconds)
         watcher.start()
         return watcher
@@ -214,15 +240,18 @@ class Service:
             if not self.watcher.is_alive():
                 log.error("service.observer_died", action="exiting so systemd restarts us")
                 return EXIT_HEALTH
-            if not self.worker.is_alive():
-                log.error("service.worker_died", error=repr(self.fatal),
+            dead = next((lane for lane in self.lanes if not lane.is_alive()), None)
+            if dead is not None:
+                log.error("service.worker_died", lane=dead.name, error=repr(self.fatal),
                           action="exiting so systemd restarts us")
                 return EXIT_HEALTH
             if not self._heal_state_db():
                 return EXIT_HEALTH
-            if self.current is not None and self.progress.stalled(
-                    self.settings.service.stall_seconds):
-                self._on_stall()
+            stalled = next((lane for lane in self.lanes if lane.current is not None
+                            and lane.progress.stalled(self.settings.service.stall_seconds)),
+                           None)
+            if stalled is not None:
+                self._on_stall(stalled)
                 return EXIT_HEALTH
             self.notifier.watchdog()  # only while work moves
             now = time.monotonic()
@@ -236,16 +265,17 @@ class Service:
                 break
         return 0
 
-    def _on_stall(self) -> None:
-        """No progress for ``stall_seconds``: say what the worker was doing, where it is stuck,
-        and let systemd restart us (the pings have already stopped)."""
-        self.stalled = True
-        facts = describe_stall(self.current, self.progress, self.worker, self.current_since)
-        log.error("service.worker_stalled", stall_seconds=self.settings.service.stall_seconds,
+    def _on_stall(self, lane: LaneWorker) -> None:
+        """No progress in ``lane`` for ``stall_seconds``: say which lane, what it was doing,
+        where it is stuck, and let systemd restart us (the pings have already stopped)."""
+        self.stalled, self.stalled_lane = True, lane
+        facts = describe_stall(lane.current, lane.progress, lane.thread, lane.current_since)
+        log.error("service.worker_stalled", lane=lane.name,
+                  stall_seconds=self.settings.service.stall_seconds,
                   action="no more watchdog pings; exiting 70 so systemd restarts us", **facts)
         self._write_heartbeat("stalled")
-        self.notifier.status(f"stalled: {facts['task']} without progress for "
-                             f"{facts['seconds_since_progress']} s")
+        self.notifier.status(f"stalled: {lane.name} lane: {facts['task']} without progress "
+                             f"for {facts['seconds_since_progress']} s")
 
     def _reload(self) -> None:
         """Load, start the new watcher, register the jobs, and only then let go of the old
@@ -282,8 +312,10 @@ class Service:
             self.watcher = watcher
         self.settings = new
         if changed:
-            self.pending_settings = new  # the worker applies it between tasks
-            self.queue.put(Task("reconcile", urgent=True))
+            # each lane applies it between its tasks; the pipeline's own part once, on the
+            # fast lane (the heavy lane only picks up the model settings it owns)
+            self.pending_settings = {lane: new for lane in Lane}
+            self.lanes.put(Task(TaskKind.RECONCILE, urgent=True))
         log.info("service.reloaded", config=str(self.config_path), changed=changed,
                  watcher_restarted=watcher is not None, jobs_registered=jobs_changed)
         self.notifier.ready(self._status_line())
@@ -295,12 +327,15 @@ class Service:
             log.exception("service.jobs_restore_failed")
 
     def _shutdown(self, code: int) -> int:
-        """Stop within the budget whatever the worker does: join it for at most the budget
-        (not at all after a stall), then end the process hard if it is still inside a task."""
+        """Stop within the budget whatever the lanes do: join them for at most the budget
+        (not at all after a stall), then end the process hard if one is still inside a task."""
         started = time.monotonic()
         budget = self.settings.service.shutdown_budget_seconds
-        log.info("service.stopping", budget_seconds=budget, queue_depth=self.queue.depth(),
-                 current_task=self.current.kind if self.current else None, stalled=self.stalled)
+        busy = self.lanes.busiest()
+        log.info("service.stopping", budget_seconds=budget, queue_depth=self.lanes.depth(),
+                 current_task=busy.current.kind if busy and busy.current else None,
+                 lanes={lane.name: lane.current.kind if lane.current else None
+                        for lane in self.lanes}, stalled=self.stalled)
         self.notifier.stopping()
         self.stopping.set()
         for stop in (self.jobs.stop, lambda: self.watcher.stop(timeout=2.0)):
@@ -308,24 +343,30 @@ class Service:
                 stop()
             except Exception:  # a producer that fails to stop must not keep us running
                 log.exception("service.stop_step_failed")
-        self.worker.join(0.0 if self.stalled else
-                         max(0.0, budget - (time.monotonic() - started)))
+        for lane in self.lanes:
+            if lane.thread is not None:
+                lane.thread.join(0.0 if self.stalled else
+                                 max(0.0, budget - (time.monotonic() - started)))
         if self.listener is not None:
             self.listener.stop()
         final = "stalled" if self.stalled else "stopped"
-        if self.worker.is_alive():
+        left = [lane for lane in self.lanes if lane.is_alive()]
+        if left:
             code = code or 1
             # SQLite rolls back the open transaction when the process exits: nothing half-done
             if not self.stalled:
-                log.error("service.shutdown_budget_exceeded", budget_seconds=budget,
-                          action="exiting without the worker", **describe_stall(
-                              self.current, self.progress, self.worker, self.current_since))
+                for lane in left:
+                    log.error("service.shutdown_budget_exceeded", budget_seconds=budget,
+                              lane=lane.name, action="exiting without the worker",
+                              **describe_stall(lane.current, lane.progress, lane.thread,
+                                               lane.current_since))
             self._write_heartbeat(final)
             log.info("service.stopped", exit_code=code, tasks_done=self.tasks_done,
-                     tasks_failed=self.tasks_failed, worker_abandoned=True)
+                     tasks_failed=self.tasks_failed, worker_abandoned=True,
+                     lanes_abandoned=[lane.name for lane in left])
             self._restore_signals()
-            # a normal exit would wait for the worker and its decode threads, for ever if one is
-            # blocked: flush what we said, then leave without them
+            # a normal exit would wait for the lanes and their decode threads, for ever if one
+            # is blocked: flush what we said, then leave without them
             _flush_logs()
             self.hard_exit(code)
         self.store.close()
@@ -342,77 +383,93 @@ class Service:
                 signal.signal(signum, old if old is not None else signal.SIG_DFL)
         self._old_handlers.clear()
 
-    # -- the worker -----------------------------------------------------------------------------
+    # -- the lanes ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, lane: LaneWorker) -> None:
+        """One lane's loop: take its next ready task; hold it while paused (control tasks
+        excepted); run it.  Runs on the lane's own thread."""
+        self.progress.bind(lane.progress)
         try:
             while not self.stopping.is_set():
-                if self.pending_settings is not None:
-                    self.pipeline.reconfigure(self.pending_settings)
-                    self.pending_settings = None
-                self.progress.beat("idle")  # waiting for work is not a stall
-                task = self.queue.get(timeout=0.5)
+                pending = self.pending_settings.pop(lane.lane, None)
+                if pending is not None:
+                    self.pipeline.reconfigure_lane(lane.lane, pending)
+                lane.progress.beat("idle")  # waiting for work is not a stall
+                task = lane.queue.get(timeout=0.5)
                 if task is None or self.stopping.is_set():
-                    if task is not None and task.trigger:
-                        pass  # stays in processing/: claimed again at the next start
+                    continue  # a claimed trigger stays in processing/: claimed again at start
+                if self.pipeline.paused and task.kind not in CONTROL_KINDS:
+                    lane.hold(task)
                     continue
-                if task.kind == "triggers":
-                    for claimed in self.box.claim():
-                        self.queue.put(claimed)
-                    continue
-                if self.pipeline.paused and task.kind not in ALWAYS_RUN:
-                    old = self.deferred.get(task.key)
-                    self.deferred[task.key] = old.merged(task) if old else task
-                    continue
-                self._run_task(task)
-                if task.kind == "resume":
-                    for held in self.deferred.values():
-                        self.queue.put(held)
-                    self.deferred.clear()
+                self._run_task(lane, task)
+                if task.kind == TaskKind.RESUME:
+                    released = {other.name: other.release() for other in self.lanes}
+                    log.info("service.lanes_released", held=released)
         except StoreError as exc:
             self.fatal = exc
-            log.exception("worker.state_db_failed")
+            log.exception("worker.state_db_failed", lane=lane.name)
         except BaseException as exc:
             self.fatal = exc
-            log.exception("worker.crashed")
+            log.exception("worker.crashed", lane=lane.name)
 
-    def _run_task(self, task: Task) -> None:
-        self.progress.beat(f"started {task.kind}")
-        self.current, self.current_since = task, time.monotonic()
-        ok, result = True, {}
-        failure: BaseException | None = None
-        try:
-            result = self.pipeline.handle(task, self.progress.should_stop(self.stopping.is_set))
-        except StoreError:
-            raise
-        except Exception as exc:
-            ok, failure = False, exc
-            result = {"error": _reason(exc)}
-            log.exception("worker.task_failed", kind=task.kind, project=task.project,
-                          reason=_reason(exc))
-            self._end_open_transaction()
-        finally:
-            elapsed = time.monotonic() - (self.current_since or time.monotonic())
-            self.current, self.current_since = None, None
-        self.metrics.task_finished(task.kind, task.project, ok, result, elapsed)
+    def _should_stop(self, lane: LaneWorker, task: Task) -> Callable[[], bool]:
+        """What a task polls between chunks: shutdown; for an embed task also a pause (it is
+        put back, to be held with the rest).  A training run is not cut short by a pause."""
+        if task.kind != TaskKind.EMBED:
+            return lane.progress.should_stop(self.stopping.is_set)
+        return lane.progress.should_stop(
+            lambda: self.stopping.is_set() or self.pipeline.paused)
+
+    def _dispatch(self, lane: LaneWorker, task: Task) -> TaskResult:
+        if task.kind == TaskKind.TRIGGERS:  # the service owns the trigger box
+            claimed = self.box.claim()
+            for each in claimed:
+                self.lanes.put(each)
+            return TriggersClaimed(len(claimed))
+        result = self.pipeline.run(task, self._should_stop(lane, task))
+        if task.kind == TaskKind.EMBED and self.pipeline.paused and not self.stopping.is_set():
+            self.lanes.put(task)  # cut short by a pause: held, and resumed with the rest
+        return result
+
+    def _run_task(self, lane: LaneWorker, task: Task) -> None:
+        ok, failure = True, None
+        result: TaskResult
+        with lane.running(task):
+            try:
+                result = self._dispatch(lane, task)
+            except StoreError:
+                raise
+            except Exception as exc:
+                ok, failure, result = False, exc, Failed(_reason(exc))
+                log.exception("worker.task_failed", lane=lane.name, kind=task.kind,
+                              project=task.project, reason=_reason(exc))
+                self._end_open_transaction()
+            elapsed = lane.elapsed()
+        if task.kind == TaskKind.TRIGGERS:
+            return  # bookkeeping, not work: not counted, not logged per poll
+        out = result.to_dict()
+        self.metrics.task_finished(task.kind, task.project, ok, out, elapsed)
+        with self._count_lock:
+            if ok:
+                self.tasks_done += 1
+            else:
+                self.tasks_failed += 1
         if ok:
-            self.tasks_done += 1
             attempts = self.backoff.succeeded(task.key)
             if attempts:
-                result = {**result, "attempts": attempts + 1}
-                log.info("worker.task_recovered", kind=task.kind, project=task.project,
-                         failures=attempts)
+                out = {**out, "attempts": attempts + 1}
+                log.info("worker.task_recovered", lane=lane.name, kind=task.kind,
+                         project=task.project, failures=attempts)
         else:
-            self.tasks_failed += 1
             if failure is not None and self._retry_later(task, failure):
                 return
             attempts = self.backoff.succeeded(task.key)  # given up: forget the key
             if attempts:
-                result["attempts"] = attempts
+                out["attempts"] = attempts
         if task.trigger:
-            self._finish_trigger(task, ok, result, elapsed)
-        log.info("worker.task_done", kind=task.kind, project=task.project, ok=ok,
-                 duration_ms=round(elapsed * 1000, 1), queue_depth=self.queue.depth())
+            self._finish_trigger(task, ok, out, elapsed)
+        log.info("worker.task_done", lane=lane.name, kind=task.kind, project=task.project,
+                 ok=ok, duration_ms=round(elapsed * 1000, 1), queue_depth=lane.queue.depth())
 
     def _retry_later(self, task: Task, exc: BaseException) -> bool:
         """A failure of the environment: back into the queue after a backoff (a trigger only
@@ -424,7 +481,7 @@ class Service:
             log.error("worker.task_gave_up", kind=task.kind, project=task.project,
                       trigger=task.trigger, attempts=attempts, reason=_reason(exc))
             return False
-        self.queue.put(task, delay=delay)
+        self.lanes.put(task, delay=delay)
         log.warning("worker.task_retry_scheduled", kind=task.kind, project=task.project,
                     trigger=task.trigger, attempt=attempts, delay_seconds=round(delay, 1),
                     reason=_reason(exc))
@@ -444,60 +501,88 @@ class Service:
 
     def _end_open_transaction(self) -> None:
         """A COMMIT that failed (disk full) may leave the transaction open, and every later
-        ``BEGIN`` would fail with it even after space returns: roll it back now."""
+        ``BEGIN`` would fail with it even after space returns: roll it back now.  Under the
+        store's transaction lock, so the other lane's transaction in flight is never the one
+        rolled back."""
         try:
-            conn = self.store.conn
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            with self.store._lock:
+                conn = self.store.conn
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
         except Exception as exc:
             log.warning("worker.rollback_failed", reason=_reason(exc))
 
     # -- observability --------------------------------------------------------------------------
 
     def _status_line(self) -> str:
-        current = self.current.kind if self.current else "idle"
-        return (f"{'paused' if self.pipeline.paused else 'running'}; queue {self.queue.depth()}; "
-                f"working: {current}; last event: {self.queue.last_event or '-'}")
+        working = ", ".join(f"{lane.name}: {lane.current.kind if lane.current else 'idle'}"
+                            for lane in self.lanes)
+        return (f"{'paused' if self.pipeline.paused else 'running'}; queue {self.lanes.depth()}"
+                f"; working: {working}; last event: {self.lanes.last_event or '-'}")
 
     def _live_facts(self, quiet_limit: float) -> LiveFacts:
-        """What the threads and the queue look like now, for /metrics and /healthz (called
-        from the listener's threads and the main loop: reads only, never waits on the worker)."""
+        """What the threads and the queues look like now, for /metrics and /healthz (called
+        from the listener's threads and the main loop: reads only, never waits on a lane)."""
         from daemon.metrics import LiveFacts
 
-        current, since = self.current, self.current_since
+        busy = self.lanes.busiest()
+        current = busy.current if busy else None
+        quiet = {lane.name: lane.progress.quiet_seconds() if lane.current else 0.0
+                 for lane in self.lanes}
         return LiveFacts(
-            queue_by_kind=self.queue.depth_by_kind(),
+            queue_by_kind=self.lanes.depth_by_kind(),
             current_kind=current.kind if current else None,
-            current_seconds=time.monotonic() - since if current and since else None,
-            quiet_seconds=self.progress.quiet_seconds() if current else 0.0,
-            no_progress=current is not None and self.progress.stalled(quiet_limit),
-            observer_alive=self.watcher.is_alive(), worker_alive=self.worker.is_alive(),
+            current_seconds=busy.elapsed() if busy and current else None,
+            quiet_seconds=max(quiet.values(), default=0.0),
+            no_progress=any(lane.current is not None and lane.progress.stalled(quiet_limit)
+                            for lane in self.lanes),
+            observer_alive=self.watcher.is_alive(), worker_alive=self.lanes.all_alive(),
             stalled=self.stalled, state_db_problem=self.store.check_file(),
             paused=self.pipeline.paused,
-            embedding_disabled=self.pipeline.embedding_disabled is not None)
+            embedding_disabled=self.pipeline.embedding_disabled is not None,
+            quiet_by_lane=quiet,
+            running_by_lane={lane.name: (lane.current.kind, lane.elapsed())
+                             for lane in self.lanes if lane.current is not None})
+
+    def _lane_facts(self, lane: LaneWorker) -> dict[str, Any]:
+        current = lane.current
+        return {"queue_depth": lane.queue.depth(), "queued_kinds": lane.queue.pending_kinds(),
+                "current_task": current.kind if current else None,
+                "current_project": current.project if current else None,
+                "current_seconds": round(lane.elapsed(), 1) if current else None,
+                "seconds_since_progress": (round(lane.progress.quiet_seconds(), 1)
+                                           if current else None),
+                "held_tasks": lane.held(), "alive": lane.is_alive()}
 
     def _write_heartbeat(self, state: str) -> None:
+        # the keys of the one-worker days stay (status --json readers): they describe the
+        # lane whose task has run longest; "lanes" has each lane's own
+        busy = self.lanes.busiest()
+        current = busy.current if busy else None
+        last_at = self.lanes.last_event_at
         doc = {
             "pid": os.getpid(), "version": __version__, "state": state,
             "started_at": iso_utc(self.started_at), "updated_at": iso_utc(datetime.now(UTC)),
             "heartbeat_seconds": self.settings.service.heartbeat_seconds,
-            "queue_depth": self.queue.depth(), "queued_kinds": self.queue.pending_kinds(),
-            "current_task": self.current.kind if self.current else None,
-            "current_project": self.current.project if self.current else None,
-            "last_event": self.queue.last_event,
-            "last_event_at": (datetime.fromtimestamp(self.queue.last_event_at, UTC).isoformat()
-                              if self.queue.last_event_at else None),
-            "observer_alive": self.watcher.is_alive(), "worker_alive": self.worker.is_alive(),
+            "queue_depth": self.lanes.depth(), "queued_kinds": self.lanes.pending_kinds(),
+            "current_task": current.kind if current else None,
+            "current_project": current.project if current else None,
+            "last_event": self.lanes.last_event,
+            "last_event_at": (datetime.fromtimestamp(last_at, UTC).isoformat()
+                              if last_at else None),
+            "observer_alive": self.watcher.is_alive(), "worker_alive": self.lanes.all_alive(),
             "tasks_done": self.tasks_done, "tasks_failed": self.tasks_failed,
-            "deferred_tasks": len(self.deferred), "paused": self.pipeline.paused,
+            "deferred_tasks": self.lanes.held(), "paused": self.pipeline.paused,
             "retrying_tasks": self.backoff.retrying(),
-            "seconds_since_progress": (round(self.progress.quiet_seconds(), 1)
-                                       if self.current else None),
+            "seconds_since_progress": (round(busy.progress.quiet_seconds(), 1)
+                                       if busy else None),
             "embedding_disabled": self.pipeline.embedding_disabled,
             "config_file": str(self.config_path) if self.config_path else None,
-            # the model as the worker loaded it (status must not import torch to know it)
+            # the model as the heavy lane loaded it (status must not import torch to know it)
             "model": self.pipeline.model.to_dict(),
             "embedding_rate": self.pipeline.embed_rate.to_dict(),
+            "lanes": {lane.name: self._lane_facts(lane) for lane in self.lanes},
+            "stalled_lane": self.stalled_lane.name if self.stalled_lane else None,
         }
         try:
             atomic_write_text(heartbeat_path(self.settings), json.dumps(doc, indent=2) + "\n")

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from daemon.fsutil import atomic_write_text
+from daemon.tasks import TaskKind
 from daemon.timeparse import iso_utc
 from daemon.workqueue import Task
 
@@ -63,6 +64,12 @@ ACTIONS: dict[str, dict[str, tuple[type, bool]]] = {
     "resume": {},
 }
 MODELS = ("ranker", "crop")
+#: action -> the kind of task it becomes (one place: tests/test_lanes.py checks every action)
+TASK_OF_ACTION: dict[str, TaskKind] = {
+    "validate": TaskKind.VALIDATE, "reconcile": TaskKind.RECONCILE, "inspect": TaskKind.INSPECT,
+    "summary": TaskKind.SUMMARY, "embed": TaskKind.EMBED, "retrain": TaskKind.RETRAIN,
+    "backfill": TaskKind.BACKFILL, "pause": TaskKind.PAUSE, "resume": TaskKind.RESUME,
+}
 #: the suffix :func:`_unique` adds when a name is taken; stripped to find the dropped name
 _UNIQUE_SUFFIX = re.compile(r"\.\d{8}T\d{12}\Z")
 
@@ -286,7 +293,8 @@ class TriggerBox:
             return []
         self._inflight.add(claimed)
         project = args.get("project") if action != "backfill" else None
-        return [Task(action, project, args=tuple(sorted(args.items(), key=lambda kv: kv[0])),
+        return [Task(TASK_OF_ACTION[action], project,
+                     args=tuple(sorted(args.items(), key=lambda kv: kv[0])),
                      trigger=str(claimed), urgent=True)]
 
     # -- finishing ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The coalescing work queue between the event sources and the one worker.
+"""The coalescing work queue between the event sources and a lane's worker (one per lane).
 
 Events are wake-ups, not facts: a burst of writes to one DB or one folder becomes one task.
 Each task has a key; putting a task whose key is pending merges it into the pending one (their
@@ -29,7 +29,8 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One unit of work for the worker.  ``kind`` names the pipeline stage."""
+    """One unit of work for a lane.  ``kind`` names the pipeline stage: a
+    :class:`daemon.tasks.TaskKind` (a ``str``; a name no handler knows fails as a task)."""
 
     kind: str
     project: str | None = None

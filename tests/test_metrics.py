@@ -205,13 +205,14 @@ class TestScrape:
 
     def test_tasks_per_lane_and_queue_depth(self, scrape: Scrape) -> None:
         """Task counts and durations carry lane and kind; the queue gauge exists per lane."""
-        assert scrape.value("trainingd_tasks_total", lane="worker", kind="reconcile",
+        assert scrape.value("trainingd_tasks_total", lane="fast", kind="reconcile",
                             outcome="ok") == 1
-        count = scrape.value("trainingd_task_duration_seconds_count", lane="worker",
+        count = scrape.value("trainingd_task_duration_seconds_count", lane="heavy",
                              kind="embed")
         assert count is not None and count >= 1
         assert scrape.families["trainingd_queue_depth"].type == "gauge"
-        assert all(dict(labels).get("lane") == "worker" for name, labels in scrape.samples
+        assert all(dict(labels).get("lane") in ("fast", "heavy")
+                   for name, labels in scrape.samples
                    if name.startswith(("trainingd_queue_depth", "trainingd_task")))
 
     def test_last_successes_start_time_and_build_info(self, scrape: Scrape) -> None:
@@ -410,9 +411,10 @@ class TestAccounting:
         assert not figures.read_ok
         assert judge_health(_facts(), figures, 10.0).failing == ("state_db",)
 
-    def test_one_lane_today(self) -> None:
-        """Until issue 11, every task kind runs in the one worker lane."""
-        assert {lane_of(k) for k in ("validate", "embed", "retrain", "summary")} == {"worker"}
+    def test_two_lanes(self) -> None:
+        """Validation runs in the fast lane; embedding, training and the summary in the heavy."""
+        assert {lane_of(k) for k in ("validate", "sidecar", "image")} == {"fast"}
+        assert {lane_of(k) for k in ("embed", "retrain", "summary")} == {"heavy"}
 
 
 def _facts(**changes: Any) -> LiveFacts:

@@ -46,9 +46,11 @@ STAGES = ("validation", "embed", "summary")
 
 
 def lane_of(kind: str) -> str:
-    """The lane a task kind runs in: the ONE place the ``lane`` label is decided.  Today one
-    worker runs everything; issue 11 splits it into a fast and a heavy lane."""
-    return "worker"
+    """The lane a task kind runs in (``fast`` or ``heavy``), as :mod:`daemon.tasks` decides:
+    the ``lane`` label of every metric comes from here."""
+    from daemon.tasks import lane_for
+
+    return str(lane_for(kind))
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,9 @@ class LiveFacts:
     state_db_problem: str | None
     paused: bool
     embedding_disabled: bool
+    #: per lane: seconds since its last progress (0 while idle), and the task it runs now
+    quiet_by_lane: Mapping[str, float] = field(default_factory=dict)
+    running_by_lane: Mapping[str, tuple[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,14 +135,18 @@ def _live_families(facts: LiveFacts, health: Health) -> Iterator[Metric]:
     running = GaugeMetricFamily("trainingd_task_running_seconds",
                                 "How long the task running now has run, per lane and kind",
                                 labels=["lane", "kind"])
-    if facts.current_kind is not None and facts.current_seconds is not None:
+    if facts.running_by_lane:
+        for lane, (kind, seconds) in sorted(facts.running_by_lane.items()):
+            running.add_metric([lane, kind], seconds)
+    elif facts.current_kind is not None and facts.current_seconds is not None:
         running.add_metric([lane_of(facts.current_kind), facts.current_kind],
                            facts.current_seconds)
     yield running
     quiet = GaugeMetricFamily("trainingd_worker_seconds_since_progress",
                               "Seconds since the lane's worker last reported progress",
                               labels=["lane"])
-    quiet.add_metric(["worker"], facts.quiet_seconds)
+    for lane, seconds in sorted((facts.quiet_by_lane or {"fast": facts.quiet_seconds}).items()):
+        quiet.add_metric([lane], seconds)
     yield quiet
     healthy = GaugeMetricFamily("trainingd_healthy", "1 when /healthz would answer 200")
     healthy.add_metric([], 1.0 if health.ok else 0.0)
