@@ -7,6 +7,15 @@ against the target p95 <= settle delay + 0.5 s.  Then lets the daemon idle and p
 and CPU share (target < 1%).  One run, ratios and percentiles: the machine is shared.
 
     python bench/latency_bench.py [--rows 500] [--rate 10] [--idle-seconds 20]
+    python bench/latency_bench.py --backlog 100 --during-training [--rows 100]
+
+``--backlog N`` (issue 11) adds runs with N new 2048x2048 JPEGs waiting to be embedded (the tiny
+test model, so decode and the lanes are what is measured): commit -> validated while the
+backlog is embedded, whether the backlog was fully embedded, and the embedding throughput with
+rows arriving against a run of the same backlog without them (target ratio >= 0.9).
+``--during-training`` adds a run whose rows arrive while a forced retrain holds the heavy lane
+(its child spins one core until the rows are in).  Targets: p95 <= 1.0 s under backlog and
+training, <= 0.5 s idle.
 """
 
 from __future__ import annotations
@@ -47,7 +56,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--rate", type=float, default=10.0, help="commits per second")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
+    parser.add_argument("--backlog", type=int, default=0, metavar="N",
+                        help="also measure with N new 2048x2048 JPEGs to embed")
+    parser.add_argument("--during-training", action="store_true",
+                        help="also measure while a forced retrain holds the heavy lane")
     args = parser.parse_args()
+    if args.backlog or args.during_training:
+        lanes_main(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         decisions = home / "data" / "training" / "ai_training_decisions"
@@ -97,6 +113,141 @@ def main() -> None:
         print(f"idle: RSS {rss_mib(pid):.0f} MiB, CPU {share * 100:.2f}% of one core over "
               f"{args.idle_seconds:g} s (target < 1%)")
         assert daemon.stop() == 0
+
+
+# -- issue 11: the lanes under a backlog and during training --------------------------------------
+
+
+def _percentiles(lat: list[float]) -> tuple[float, float]:
+    lat = sorted(lat)
+    return statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
+
+
+def _big_jpegs(folder: Path, count: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (2048, 2048, 3), dtype=np.uint8)
+    for i in range(count):
+        pixels = np.roll(base, i * 7, axis=1)  # distinct content, same cost
+        Image.fromarray(pixels).save(folder / f"20250101_{i:06d}_stage2_upscaled.jpg",
+                                     quality=90)
+
+
+def _lanes_run(label: str, *, rows: int, rate: float, backlog: int, training: bool,
+               settle: float) -> dict[str, float]:
+    """One fresh daemon (tiny model, gate-controlled training): returns its figures."""
+    from tests.lanes_helpers import BURN_ENV
+    from tests.test_lanes import _Gated
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        decisions = home / "data" / "training" / "ai_training_decisions"
+        decisions.mkdir(parents=True)
+        gates = home / "gates"
+        gates.mkdir()
+        (gates / "embed.open").touch()  # embedding is never held here
+        _big_jpegs(home / "backlog", backlog)
+        (home / "photos").mkdir()
+        config = write_config(
+            home / "config.toml",
+            '[logging]\nlevel = "debug"\n[embedding]\nmodel = "trainingd-tiny"\n'
+            'pretrained = "none"\nbatch_size = 16\ndevice = "cpu"\n',
+            image_roots={"bench": [home / "photos", home / "backlog"]})
+        config.write_text(config.read_text().replace("settle_seconds = 0.2",
+                                                     f"settle_seconds = {settle}"))
+        os.environ[BURN_ENV] = "1"
+        daemon = _Gated(config, gates)
+        out: dict[str, float] = {}
+        try:
+            daemon.wait_event("service.started", timeout=120)
+            if backlog:
+                daemon.wait_event("embedding.batch_embedded", timeout=300)
+            if training:
+                (home / "data" / "triggers" / "retrain.json").write_text(
+                    '{"model": "ranker", "force": true}')
+                wait_until((gates / "train.waiting").exists, timeout=120, what="training")
+            if rows:
+                out.update(_commit_and_measure(daemon, home, decisions, rows, rate))
+            if training:
+                out["training_held_throughout"] = float(not (gates / "train.open").exists())
+                (gates / "train.open").touch()
+            if backlog:
+                wait_until(lambda: sum(int(r.get("embedded", 0)) for r in daemon.records()
+                                       if r.get("event") == "embedding.run_finished")
+                           >= backlog, timeout=1800, what="every backlog image embedded")
+                runs = [r for r in daemon.records() if r.get("event") == "embedding.run_finished"]
+                embedded = sum(int(r.get("embedded", 0)) for r in runs)
+                seconds = sum(float(r.get("duration_s", 0.0)) for r in runs)
+                out.update(embedded=embedded, embed_seconds=seconds,
+                           images_per_second=embedded / seconds if seconds else float("nan"))
+        finally:
+            (gates / "train.open").touch()
+            daemon.stop()
+        print(f"  [{label}] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in out.items()), flush=True)
+        return out
+
+
+def _commit_and_measure(daemon: Daemon, home: Path, decisions: Path, rows: int,
+                        rate: float) -> dict[str, float]:
+    commits = home / "commits.jsonl"
+    sim = subprocess.run(
+        [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(decisions),
+         "--images", str(home / "photos"), "--project", "bench", "--groups", str(rows),
+         "--rate", str(rate), "--crop-delay-seconds", "1", "--commit-log", str(commits)],
+        capture_output=True, timeout=3600)
+    assert sim.returncode == 0, sim.stderr
+    inserts = {}
+    for line in commits.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "insert":
+            inserts[rec["group_id"]] = float(rec["wall"])
+
+    def checked() -> dict[str, float]:
+        seen: dict[str, float] = {}
+        for r in daemon.records():
+            if r.get("event") == "validation.row_checked" and r["group_id"] in inserts:
+                seen.setdefault(r["group_id"],
+                                datetime.fromisoformat(r["timestamp"]).timestamp())
+        return seen
+
+    wait_until(lambda: len(checked()) == len(inserts), timeout=300, what="all validated")
+    seen = checked()
+    p50, p95 = _percentiles([seen[g] - inserts[g] for g in inserts])
+    return {"p50_s": p50, "p95_s": p95}
+
+
+def lanes_main(args: argparse.Namespace) -> None:
+    n, settle = args.backlog, 0.1
+    print(f"lanes bench: {args.rows} rows at {args.rate:g}/s, backlog {n} x 2048x2048 JPEG, "
+          f"settle {settle} s, cores {os.cpu_count()}", flush=True)
+    idle = _lanes_run("idle", rows=args.rows, rate=args.rate, backlog=0, training=False,
+                      settle=settle)
+    print(f"commit -> validated idle: p50 {idle['p50_s'] * 1000:.0f} ms, p95 "
+          f"{idle['p95_s'] * 1000:.0f} ms (target p95 <= 500 ms)", flush=True)
+    if n:
+        loaded = _lanes_run("backlog + rows", rows=args.rows, rate=args.rate, backlog=n,
+                            training=False, settle=settle)
+        alone = _lanes_run("backlog alone", rows=0, rate=args.rate, backlog=n,
+                           training=False, settle=settle)
+        print(f"commit -> validated with a backlog of {n}: p50 {loaded['p50_s'] * 1000:.0f} "
+              f"ms, p95 {loaded['p95_s'] * 1000:.0f} ms (target p95 <= 1000 ms)")
+        print(f"backlog fully embedded: {int(loaded['embedded']) >= n} "
+              f"({int(loaded['embedded'])} of {n} with rows arriving, "
+              f"{int(alone['embedded'])} of {n} alone)")
+        ratio = loaded["images_per_second"] / alone["images_per_second"]
+        print(f"embedding throughput: {loaded['images_per_second']:.2f} img/s with rows "
+              f"arriving, {alone['images_per_second']:.2f} img/s without: ratio {ratio:.2f} "
+              f"(target >= 0.9)", flush=True)
+    if args.during_training:
+        trained = _lanes_run("during training", rows=args.rows, rate=args.rate, backlog=0,
+                             training=True, settle=settle)
+        print(f"commit -> validated during training: p50 {trained['p50_s'] * 1000:.0f} ms, "
+              f"p95 {trained['p95_s'] * 1000:.0f} ms (target p95 <= 1000 ms; training held "
+              f"the heavy lane throughout: {bool(trained['training_held_throughout'])})")
 
 
 if __name__ == "__main__":
