@@ -44,8 +44,8 @@ SPLIT_RULE = ("unit = union of groups sharing an image content hash or a near-du
               "test if u < test_fraction or a member's project is in holdout_projects, "
               "validation if u < test_fraction + validation_fraction, else train")
 EXACT_SEARCH_LIMIT = 20_000  # vectors: above this the search is LSH-bucketed (see below)
-LSH_BITS = 14
-LSH_TABLES = 24
+LSH_BITS = 10
+LSH_TABLES = 12
 
 
 def group_key(project: str, group_id: str) -> str:
@@ -157,7 +157,7 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float, *, block: int = 
     Rows are L2-normalised here.  Up to ``exact_limit`` vectors: blocked brute force (exact).
     Above: sign-random-projection LSH (``LSH_TABLES`` tables of ``LSH_BITS`` bits), every
     candidate checked exactly, so no false pair is ever returned; a true pair is missed with
-    probability <= :func:`lsh_miss_bound` (5e-4 at 0.97).  Content-hash duplicates are joined
+    probability <= :func:`lsh_miss_bound` (9e-4 at 0.97).  Content-hash duplicates are joined
     separately and never depend on this search."""
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim != 2 or len(x) < 2:
