@@ -44,8 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from daemon.decisions.schema import create_legacy_db  # noqa: E402
-from daemon.sample import INSERT_SQL, reviewer_row, row_tuple  # noqa: E402
+from daemon.decisions.schema import INSERT_SQL, create_legacy_db  # noqa: E402
+from daemon.demo.sample import reviewer_row, row_tuple  # noqa: E402
 
 CHILD = REPO / "tests" / "crash_helpers.py"  # trainingd with the tiny random-init CLIP
 DEEP = "[" * 60_000
@@ -165,7 +165,7 @@ class Soak:
 
     def start_writer(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "daemon.simulator", "--decisions", str(self.decisions),
+            [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(self.decisions),
              "--images", str(self.photos), "--project", "studio", "--groups", "1000000",
              "--rate", str(self.rate), "--seed", str(self.seed), "--crop-delay-seconds", "3",
              "--delete-delay-seconds", "30"],
@@ -431,8 +431,8 @@ class Soak:
 
         print("\nFIFO in the image root: expected one issue and no hang:")
         if fifo is not None:
-            rows = self._state("SELECT count(*) FROM embed_files WHERE path = ? AND "
-                               "status = 'failed'", (str(fifo),))
+            rows = self._state("SELECT count(*) FROM images WHERE path = ? AND "
+                               "embed_status = 'failed'", (str(fifo),))
             other = self._state("SELECT count(*) FROM issues WHERE value_repr LIKE ? OR "
                                 "message LIKE ?", (f"%{fifo.name}%", f"%{fifo.name}%"))
             n = (rows[0][0] if rows else 0) + (other[0][0] if other else 0)

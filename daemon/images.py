@@ -19,8 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from daemon.timeparse import iso_utc
-
 if TYPE_CHECKING:
     from daemon.store.db import StateStore
 
@@ -153,29 +151,20 @@ class ImageIndex:
 
     def observe(self, project: str, path: Path, now: datetime) -> str:
         """Look at one path; returns ``new``, ``changed``, ``unchanged`` or ``gone``."""
-        conn = self.store.conn
-        row = conn.execute("SELECT size, mtime_ns, gone_at FROM images WHERE project = ? "
-                           "AND path = ?", (project, str(path))).fetchone()
+        repo = self.store.images
+        row = repo.seen(project, str(path))
         try:
             st = path.stat()
         except OSError:
-            if row is not None and row[2] is None:
-                conn.execute("UPDATE images SET gone_at = ? WHERE project = ? AND path = ?",
-                             (iso_utc(now), project, str(path)))
+            if row is not None and row.gone_at is None:
+                repo.mark_gone(project, [str(path)], now)
                 return "gone"
             return "unchanged"
-        if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns and not row[2]:
+        if row is not None and (row.size, row.mtime_ns) == (st.st_size, st.st_mtime_ns) \
+                and not row.gone_at:
             return "unchanged"
-        conn.execute(
-            "INSERT INTO images (project, path, file_name, size, mtime_ns, sha256, stage, "
-            "seen_at, gone_at) VALUES (?,?,?,?,?,NULL,?,?,NULL) "
-            "ON CONFLICT (project, path) DO UPDATE SET size = excluded.size, "
-            "mtime_ns = excluded.mtime_ns, seen_at = excluded.seen_at, gone_at = NULL, "
-            "sha256 = CASE WHEN images.size = excluded.size AND images.mtime_ns = "
-            "excluded.mtime_ns THEN images.sha256 ELSE NULL END",
-            (project, str(path), path.name, st.st_size, st.st_mtime_ns, parse_stage(path.name),
-             iso_utc(now)),
-        )
+        repo.upsert_seen(project, str(path), path.name, st.st_size, st.st_mtime_ns,
+                         parse_stage(path.name), now)
         return "new" if row is None else "changed"
 
     def scan(self, project: str, roots: list[Path], now: datetime,
@@ -190,33 +179,13 @@ class ImageIndex:
                     seen.add(str(path))
                     counts[self.observe(project, path, now)] += 1
                     progress()
-            stale = [r[0] for r in self.store.conn.execute(
-                "SELECT path FROM images WHERE project = ? AND gone_at IS NULL", (project,))
-                if r[0] not in seen and any(r[0].startswith(str(root) + os.sep) for root in roots)]
-            for path in stale:
-                self.store.conn.execute(
-                    "UPDATE images SET gone_at = ? WHERE project = ? AND path = ?",
-                    (iso_utc(now), project, path))
+            stale = [p for p in self.store.images.present_paths(project)
+                     if p not in seen and any(p.startswith(str(root) + os.sep) for root in roots)]
+            self.store.images.mark_gone(project, stale, now)
             counts["gone"] += len(stale)
         return counts
 
-    def paths_of(self, project: str, file_name: str) -> list[Path]:
-        return [Path(r[0]) for r in self.store.conn.execute(
-            "SELECT path FROM images WHERE project = ? AND file_name = ? AND gone_at IS NULL "
-            "ORDER BY seen_at DESC", (project, file_name))]
-
     def present(self, project: str | None = None) -> list[tuple[str, str, Path]]:
         """``(project, file_name, path)`` of every image currently on disk."""
-        sql = "SELECT project, file_name, path FROM images WHERE gone_at IS NULL"
-        params: tuple[str, ...] = ()
-        if project is not None:
-            sql += " AND project = ?"
-            params = (project,)
-        sql += " ORDER BY project, seen_at, path"
-        return [(r[0], r[1], Path(r[2])) for r in self.store.conn.execute(sql, params)]
-
-    def counts(self, project: str) -> dict[str, int]:
-        row = self.store.conn.execute(
-            "SELECT count(*), coalesce(sum(gone_at IS NULL), 0) FROM images WHERE project = ?",
-            (project,)).fetchone()
-        return {"images_seen": row[0], "images_present": row[1]}
+        return [(i.project, i.file_name, Path(i.path))
+                for i in self.store.images.present(project)]

@@ -141,13 +141,8 @@ def _state_figures(settings: Settings, now: datetime
 def images_waiting(store: StateStore, embedder_id: str | None) -> dict[str, int]:
     """Per project: images on disk with neither a vector of ``embedder_id`` nor a failure."""
     try:
-        rows = store.conn.execute(
-            "SELECT i.project, count(*) FROM images i WHERE i.gone_at IS NULL AND NOT EXISTS ("
-            "SELECT 1 FROM embed_files f WHERE f.project = i.project AND f.path = i.path AND "
-            "(f.status = 'failed' OR EXISTS (SELECT 1 FROM embeddings e WHERE e.sha256 = "
-            "f.sha256 AND e.embedder_id = ?))) GROUP BY i.project", (embedder_id or "",))
-        return {str(p): int(n) for p, n in rows}
-    except sqlite3.OperationalError:  # a state DB from before the embedding migration
+        return store.embeddings.backlog(embedder_id)
+    except sqlite3.OperationalError:  # a state DB from before the images merge (0005)
         return {}
 
 

@@ -71,7 +71,8 @@ def images_for(settings: Settings, store: StateStore, project: str, rows: list[d
     for name in names[:embedded]:
         path = root / name
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        files.append(FileRow(project, str(path), name, path.stat().st_size, 0, sha, "ok"))
+        st = path.stat()  # the size and mtime of what was read, as the stage records them
+        files.append(FileRow(project, str(path), name, st.st_size, st.st_mtime_ns, sha, "ok"))
         vectors.append(VectorRow(sha, "hash-512", 512, None, None))
     Ledger(store).record(files, vectors, now, "hash-512")
     for name in names[embedded:embedded + lost]:

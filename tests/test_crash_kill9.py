@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from daemon.decisions.schema import COLUMNS
-from daemon.sample import INSERT_SQL, row_tuple
+from daemon.decisions.schema import COLUMNS, INSERT_SQL
+from daemon.demo.sample import row_tuple
 from daemon.settings import Settings
 from daemon.store import StateStore
 from daemon.validation import ProjectSource, Validator
@@ -277,7 +277,7 @@ def validate_family(root: Path, killer: Killer) -> str:
 
 def simulator(home: Path, seed: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.simulator", "--decisions", str(decisions(home)),
+        [sys.executable, "-m", "daemon.demo.simulator", "--decisions", str(decisions(home)),
          "--images", str(home / "photos"), "--project", "studio", "--groups", "100000",
          "--rate", "12", "--seed", str(seed), "--crop-delay-seconds", "0.3"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
@@ -455,7 +455,8 @@ def assert_one_vector_per_hash(home: Path, photos: Path) -> int:
     try:
         rows = store.conn.execute("SELECT sha256, embedder_id, dim FROM embeddings").fetchall()
         file_rows = store.conn.execute(
-            "SELECT count(*), count(DISTINCT path), sum(status = 'ok') FROM embed_files"
+            "SELECT count(*), count(DISTINCT path), sum(embed_status = 'ok') FROM images "
+            "WHERE embed_status IS NOT NULL"
         ).fetchone()
     finally:
         store.close()

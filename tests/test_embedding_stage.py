@@ -232,7 +232,7 @@ class TestBadImages:
         assert {line["file_name"] for line in index_lines(s)} == {p.name for p in good}
         assert coverage(store, s)["alpha"] == {"seen": 10, "embedded": 2, "failed": 8}
         stored = store.conn.execute(
-            "SELECT file_name, code FROM embed_files WHERE status = 'failed'").fetchall()
+            "SELECT file_name, embed_code FROM images WHERE embed_status = 'failed'").fetchall()
         assert dict(stored) == codes
 
         # unchanged failures are not read again; a changed file is retried and embedded

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from daemon.demo.sample import write_sample_project
 from daemon.errors import StoreError
-from daemon.sample import write_sample_project
 from daemon.settings import Settings, load_settings
 from daemon.store.db import MARKER_SUFFIX, StateStore, StoreCorruptError
 from daemon.store.rebuild import rebuild_derived
@@ -221,7 +221,8 @@ class TestVectorsSurvive:
         store = StateStore(db, read_only=True)
         try:
             rows = {Path(r[0]).name: r[1] for r in store.conn.execute(
-                "SELECT path, status FROM embed_files WHERE project = 'demo'")}
+                "SELECT path, embed_status FROM images WHERE project = 'demo' "
+                "AND embed_status IS NOT NULL")}
             vectors = store.conn.execute("SELECT count(*) FROM embeddings").fetchone()[0]
         finally:
             store.close()

@@ -56,7 +56,7 @@ class TestSummary:
 
     def test_without_embedding_tables(self, settings: Settings, store: StateStore) -> None:
         """A state DB without the embedding tables still gets a summary that says so."""
-        store.conn.execute("DROP TABLE embed_files")
+        store.conn.execute("DROP TABLE embeddings")
         json_path, _ = write_daily_summary(settings, store, NOW)
         data = json.loads(json_path.read_text())
         assert data["embedding_coverage"]["available"] is False

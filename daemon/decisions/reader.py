@@ -25,6 +25,7 @@ from daemon.decisions.schema import COLUMNS, TABLE, detect_schema
 from daemon.errors import SchemaError, SourceBusyError
 from daemon.records import SchemaReport
 from daemon.sqlite_ro import ReadOnlyDB
+from daemon.store.chunks import in_chunks
 
 log = structlog.get_logger("decisions")
 
@@ -36,7 +37,6 @@ _BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
 #: read-only "come back later": a hot journal only its writer may roll back, a WAL index only a
 #: writer may rebuild (SQLITE_READONLY_ROLLBACK, SQLITE_READONLY_RECOVERY)
 _READONLY_WAIT_CODES = {8 | (3 << 8), 8 | (1 << 8)}
-_IN_CHUNK = 500  # stays far below SQLITE_MAX_VARIABLE_NUMBER on every build
 _SQLITE_CANTOPEN = 14
 _CANTOPEN_ATTEMPTS = 6  # about 2 s in all
 
@@ -197,22 +197,16 @@ class SourceReader:
             cursor = int(rows[-1][0])
 
     def rows_by_group_id(self, group_ids: Iterable[str]) -> list[Row]:
-        ids = list(group_ids)
         out: list[Row] = []
-        for i in range(0, len(ids), _IN_CHUNK):
-            part = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(group_ids):
             out.extend(
                 self._read(f"SELECT {self._select} FROM {TABLE} WHERE group_id IN ({marks})", part)
             )
         return out
 
     def rows_by_rowid(self, rowids: Iterable[int]) -> list[Row]:
-        ids = list(rowids)
         out: list[Row] = []
-        for i in range(0, len(ids), _IN_CHUNK):
-            part = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(rowids):
             out.extend(
                 self._read(f"SELECT {self._select} FROM {TABLE} WHERE rowid IN ({marks})", part)
             )

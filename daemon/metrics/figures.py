@@ -27,6 +27,7 @@ import structlog
 
 from daemon.settings import Settings
 from daemon.store.db import StateStore
+from daemon.store.embeddings import META_EMBEDDER
 from daemon.timeparse import parse_timestamp
 
 log = structlog.get_logger("metrics")
@@ -88,29 +89,15 @@ def read_state_figures(settings: Settings) -> StateFigures:
 
 def _read_store(store: StateStore, champions: dict[str, Champion],
                 last: dict[str, float]) -> StateFigures:
-    conn = store.conn
-    issues = {(str(p), str(c), str(s)): int(n) for p, c, s, n in conn.execute(
-        "SELECT project, code, severity, count(*) FROM issues GROUP BY 1, 2, 3")}
-    rows = {str(p): int(n) for p, n in conn.execute(
-        "SELECT project, count(*) FROM row_state GROUP BY 1")}
-    validated = conn.execute("SELECT max(last_checked_at) FROM projects").fetchone()[0]
-    _stamp(last, "validation", validated)
-    present = {str(p): int(n) for p, n in conn.execute(
-        "SELECT project, count(*) FROM images WHERE gone_at IS NULL GROUP BY 1")}
-    embedder = store.get_meta("embedding.embedder_id") or ""
-    # present images with neither a vector of the current embedder nor a recorded failure
-    # (a failed file is retried only when its bytes change: not work waiting)
-    backlog = {str(p): int(n) for p, n in conn.execute(
-        "SELECT i.project, count(*) FROM images i WHERE i.gone_at IS NULL AND NOT EXISTS ("
-        "SELECT 1 FROM embed_files f WHERE f.project = i.project AND f.path = i.path AND ("
-        "f.status = 'failed' OR EXISTS (SELECT 1 FROM embeddings e WHERE e.sha256 = f.sha256 "
-        "AND e.embedder_id = ?))) GROUP BY 1", (embedder,))}
+    issues = store.figures.issue_tally()
+    rows = store.figures.rows_per_project()
+    _stamp(last, "validation", store.figures.last_validated())
+    present = store.images.present_counts()
+    backlog = store.embeddings.backlog(store.get_meta(META_EMBEDDER))
     for project in present:
         backlog.setdefault(project, 0)
-    _stamp(last, "embed", conn.execute("SELECT max(updated_at) FROM embed_files").fetchone()[0])
-    runs = {(str(k), str(s)): int(n) for k, s, n in conn.execute(
-        "SELECT kind, status, count(*) FROM training_runs WHERE status != 'running' "
-        "GROUP BY 1, 2")}
+    _stamp(last, "embed", store.embeddings.last_embedded_at())
+    runs = store.training.run_counts()
     return StateFigures(read_ok=True, issues=issues, rows_known=rows, images_present=present,
                         embed_backlog=backlog, training_runs=runs, champions=champions,
                         last_success=last)

@@ -35,13 +35,17 @@ from daemon.errors import StoreError
 from daemon.fsutil import atomic_write_text
 from daemon.records import Issue
 from daemon.sqlite_ro import connect_read_only
+from daemon.store.chunks import in_chunks
+from daemon.store.embeddings import EmbeddingRepo
+from daemon.store.images import ImageRepo
 from daemon.store.migrations import MIGRATIONS
+from daemon.store.training import TrainingRepo
+from daemon.store.views import Figures
 from daemon.timeparse import iso_utc
 
 log = structlog.get_logger("store")
 
 SCHEMA_KEY = "#schema"
-_IN_CHUNK = 500
 #: SQLite primary result codes that mean "this file is damaged", not "try again later"
 _CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _COMPANIONS = ("-wal", "-shm", "-journal")
@@ -134,6 +138,11 @@ class StateStore:
         self._identity: tuple[int, int] | None = None
         #: why the store must be healed, once a statement met corruption
         self.problem: str | None = None
+        #: the rooms' tables, each behind its repository (SQL lives in this package only)
+        self.images = ImageRepo(self)
+        self.embeddings = EmbeddingRepo(self)
+        self.training = TrainingRepo(self)
+        self.figures = Figures(self)
         try:
             if read_only:
                 # invisible: no -wal/-shm of ours beside a state DB whose daemon stopped, and
@@ -296,9 +305,6 @@ class StateStore:
             log.info("store.migration_applied", name=name, db=self.path)
         return applied
 
-    def applied_migrations(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
-
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back."""
@@ -351,19 +357,11 @@ class StateStore:
              cp.last_checked_at, cp.last_full_at, int(cp.needs_full)),
         )
 
-    def forget_project(self, project: str) -> None:
-        with self.transaction():
-            for table in ("projects", "row_state", "issues"):
-                self.conn.execute(f"DELETE FROM {table} WHERE project = ?", (project,))
-
     # -- rows -----------------------------------------------------------------------------------
 
     def row_states(self, project: str, keys: Iterable[str]) -> dict[str, RowState]:
-        ids = list(keys)
         out: dict[str, RowState] = {}
-        for i in range(0, len(ids), _IN_CHUNK):
-            part = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(keys):
             for r in self.conn.execute(
                 "SELECT row_key, group_id, src_rowid, digest, errors, warnings, user_action, "
                 f"pending_crop FROM row_state WHERE project = ? AND row_key IN ({marks})",
@@ -416,9 +414,7 @@ class StateStore:
         )
 
     def delete_rows(self, project: str, keys: Sequence[str]) -> None:
-        for i in range(0, len(keys), _IN_CHUNK):
-            part = list(keys[i : i + _IN_CHUNK])
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(keys):
             self.conn.execute(
                 f"DELETE FROM row_state WHERE project = ? AND row_key IN ({marks})",
                 (project, *part),
@@ -435,9 +431,7 @@ class StateStore:
         now: datetime,
     ) -> None:
         """Drop the current issues of ``keys`` and insert ``issues`` (``(row_key, issue)``)."""
-        for i in range(0, len(keys), _IN_CHUNK):
-            part = list(keys[i : i + _IN_CHUNK])
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(keys):
             self.conn.execute(
                 f"DELETE FROM issues WHERE project = ? AND row_key IN ({marks})",
                 (project, *part),
@@ -500,19 +494,14 @@ class StateStore:
         self, group_ids: Iterable[str]
     ) -> dict[str, list[tuple[str, str, int]]]:
         """``group_id -> [(project, row_key, src_rowid), ...]`` for ids held by 2+ projects."""
-        ids = list(group_ids)
         shared: list[str] = []
-        for i in range(0, len(ids), _IN_CHUNK):
-            part = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(group_ids):
             # aggregate in SQL: the usual answer is "none", and no row crosses into Python
             shared.extend(r[0] for r in self.conn.execute(
                 f"SELECT group_id FROM row_state WHERE group_id IN ({marks}) "
                 "GROUP BY group_id HAVING count(DISTINCT project) > 1", part))
         found: dict[str, list[tuple[str, str, int]]] = {}
-        for i in range(0, len(shared), _IN_CHUNK):
-            part = shared[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(shared):
             for gid, project, key, rowid in self.conn.execute(
                 "SELECT group_id, project, row_key, src_rowid FROM row_state "
                 f"WHERE group_id IN ({marks}) ORDER BY group_id, project",
@@ -522,10 +511,7 @@ class StateStore:
         return found
 
     def delete_issues_by_code(self, code: str, group_ids: Iterable[str]) -> None:
-        ids = list(group_ids)
-        for i in range(0, len(ids), _IN_CHUNK):
-            part = ids[i : i + _IN_CHUNK]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_chunks(group_ids):
             self.conn.execute(
                 f"DELETE FROM issues WHERE code = ? AND group_id IN ({marks})", (code, *part)
             )

@@ -165,4 +165,49 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        "0005_images_merge_embed_files",
+        """
+        -- one table per image file: the image index and what the embedding stage learned of the
+        -- same (project, path) were two tables that overlapped (size, mtime, content hash).
+        -- size, mtime_ns, sha256 now describe one observation of the bytes; embed_status says
+        -- what the stage made of exactly those bytes (NULL: not processed since they changed).
+        ALTER TABLE images ADD COLUMN embed_status TEXT
+            CHECK (embed_status IS NULL OR embed_status IN ('ok', 'failed'));
+        ALTER TABLE images ADD COLUMN embed_code TEXT;        -- issue code when failed
+        ALTER TABLE images ADD COLUMN embed_message TEXT;
+        ALTER TABLE images ADD COLUMN width INTEGER;
+        ALTER TABLE images ADD COLUMN height INTEGER;
+        ALTER TABLE images ADD COLUMN embedded_at TEXT;       -- embed_files.updated_at
+        -- a file both rooms knew: the stage's observation wins (it read and hashed the bytes;
+        -- a deleted file keeps the hash training needs).  If the file changed since, the next
+        -- index observation sees another size/mtime and clears the stage's verdict.
+        UPDATE images SET (size, mtime_ns, sha256, embed_status, embed_code, embed_message,
+                           width, height, embedded_at) = (
+            SELECT f.size, f.mtime_ns,
+                   CASE WHEN f.size IS images.size AND f.mtime_ns IS images.mtime_ns
+                        THEN coalesce(f.sha256, images.sha256) ELSE f.sha256 END,
+                   f.status, f.code, f.message, f.width, f.height, f.updated_at
+            FROM embed_files f WHERE f.project = images.project AND f.path = images.path)
+        WHERE EXISTS (SELECT 1 FROM embed_files f
+                      WHERE f.project = images.project AND f.path = images.path);
+        -- a file only the stage knew: kept, not counted as on disk (gone_at set) until the
+        -- index sees it there
+        INSERT INTO images (project, path, file_name, size, mtime_ns, sha256, stage, seen_at,
+                            gone_at, embed_status, embed_code, embed_message, width, height,
+                            embedded_at)
+            SELECT f.project, f.path, f.file_name, f.size, f.mtime_ns, f.sha256,
+                   CASE WHEN instr(f.file_name, 'stage1.5_face_swapped') THEN 1.5
+                        WHEN instr(f.file_name, 'stage1_generated') THEN 1.0
+                        WHEN instr(f.file_name, 'stage2_upscaled') THEN 2.0
+                        WHEN instr(f.file_name, 'stage3_enhanced') THEN 3.0 END,
+                   f.updated_at, f.updated_at, f.status, f.code, f.message, f.width, f.height,
+                   f.updated_at
+            FROM embed_files f
+            WHERE NOT EXISTS (SELECT 1 FROM images i
+                              WHERE i.project = f.project AND i.path = f.path);
+        DROP TABLE embed_files;
+        CREATE INDEX images_embedded ON images(project, file_name) WHERE embed_status = 'ok';
+        """,
+    ),
 )

@@ -35,7 +35,6 @@ from daemon.store.db import StateStore
 log = structlog.get_logger("store")
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 2000
 
 
 def rebuild_derived(store: StateStore, settings: Settings) -> dict[str, int]:
@@ -86,17 +85,19 @@ def _index_lines(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def rebuild_embeddings(store: StateStore, cache_dir: Path) -> dict[str, int]:
-    """``embeddings`` and ``embed_files`` from the index lines whose vector exists."""
+    """``embeddings`` and the stage's columns of ``images`` from the index lines whose vector
+    exists."""
     import numpy as np
+
+    from daemon.store.embeddings import FileRow, VectorRow
 
     counts = {"index_lines_skipped": 0, "index_lines_without_vector": 0, "vectors": 0,
               "embedded_files": 0}
-    conn = store.conn
-    if conn.execute("SELECT 1 FROM embed_files LIMIT 1").fetchone() is not None:
+    if not store.embeddings.is_empty():
         return counts
     dims: dict[str, int] = {}
-    vectors: dict[tuple[str, str], tuple[Any, ...]] = {}
-    files: dict[tuple[str, str], tuple[Any, ...]] = {}
+    vectors: dict[tuple[str, str], tuple[VectorRow, str]] = {}
+    files: dict[tuple[str, str], tuple[FileRow, str]] = {}
     last_embedder: str | None = None
     for entry, vector in _index_rows(cache_dir, counts):
         sha, eid = entry["hash"], entry["embedder_id"]
@@ -108,41 +109,23 @@ def rebuild_embeddings(store: StateStore, cache_dir: Path) -> dict[str, int]:
                 continue
         width, height = _int_or_none(entry.get("width")), _int_or_none(entry.get("height"))
         stamp = entry["time"] if isinstance(entry.get("time"), str) else "1970-01-01T00:00:00Z"
-        vectors.setdefault((sha, eid), (sha, eid, dims[eid], width, height, stamp))
+        vectors.setdefault((sha, eid), (VectorRow(sha, eid, dims[eid], width, height), stamp))
         # later lines win: the index is append-only, so the last line is the latest observation
         files[(entry["project"], entry["path"])] = (
-            entry["project"], entry["path"], entry["file_name"], None, None, sha, "ok", None,
-            None, width, height, stamp)
+            FileRow(entry["project"], entry["path"], entry["file_name"], None, None, sha, "ok",
+                    None, None, width, height), stamp)
         last_embedder = eid
-    with store.transaction() as tx:
-        rows = list(vectors.values())
-        for i in range(0, len(rows), _CHUNK):
-            tx.executemany(
-                "INSERT OR IGNORE INTO embeddings (sha256, embedder_id, dim, width, height, "
-                "created_at) VALUES (?,?,?,?,?,?)", rows[i : i + _CHUNK])
-        frows = list(files.values())
-        for i in range(0, len(frows), _CHUNK):
-            tx.executemany(
-                "INSERT OR REPLACE INTO embed_files (project, path, file_name, size, mtime_ns, "
-                "sha256, status, code, message, width, height, updated_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", frows[i : i + _CHUNK])
-        if last_embedder is not None:
-            from daemon.embedding.ledger import META_EMBEDDER
-
-            store.set_meta(META_EMBEDDER, last_embedder)
+    store.embeddings.restore(list(files.values()), list(vectors.values()), last_embedder)
     counts["vectors"], counts["embedded_files"] = len(vectors), len(files)
     return counts
 
 
 def rebuild_training_runs(store: StateStore, models_dir: Path) -> dict[str, int]:
     """One finished ``training_runs`` row per model in the registry, oldest first."""
+    from daemon.store.training import TrainingRun
     from daemon.training import registry
 
-    counts = {"training_runs": 0}
-    conn = store.conn
-    if conn.execute("SELECT 1 FROM training_runs LIMIT 1").fetchone() is not None:
-        return counts
-    runs: list[tuple[Any, ...]] = []
+    runs: list[TrainingRun] = []
     for kind in registry.PREFIX:
         for meta in registry.all_metadata(models_dir, kind):
             created, version = meta.get("created_at"), meta.get("version")
@@ -151,13 +134,10 @@ def rebuild_training_runs(store: StateStore, models_dir: Path) -> dict[str, int]
             promoted = meta.get("promoted") is True
             why = meta.get("promotion_reason")
             reason = f"rebuilt from {meta.get('file')}" + (f": {why}" if why else "")
-            runs.append((kind, created, created, "promoted" if promoted else "not_promoted",
-                         version, int(promoted), reason,
-                         json.dumps(meta.get("metrics") or {}, default=str)))
-    runs.sort(key=lambda r: (r[1], r[0], r[4]))
-    with store.transaction() as tx:
-        tx.executemany(
-            "INSERT INTO training_runs (kind, started_at, finished_at, status, version, "
-            "promoted, reason, metrics) VALUES (?,?,?,?,?,?,?,?)", runs)
-    counts["training_runs"] = len(runs)
-    return counts
+            metrics = meta.get("metrics")
+            runs.append(TrainingRun(0, kind, created, created,
+                                    "promoted" if promoted else "not_promoted", version,
+                                    promoted, reason, 0,
+                                    metrics if isinstance(metrics, dict) else {}))
+    runs.sort(key=lambda r: (r.started_at, r.kind, r.version or 0))
+    return {"training_runs": store.training.restore_runs(runs)}

@@ -121,16 +121,14 @@ def _count_row(project: str, row: tuple[Any, ...], since: datetime, until: datet
 # -- state DB -------------------------------------------------------------------------------------
 
 def projects(store: StateStore) -> dict[str, dict[str, int]]:
-    names = [r[0] for r in store.conn.execute("SELECT DISTINCT project FROM row_state ORDER BY 1")]
-    return {p: store.row_figures(p) for p in names}
+    return {p: store.row_figures(p) for p in store.figures.validated_projects()}
 
 
 def issues(store: StateStore) -> dict[str, Any]:
     """Current issues by code, split by severity."""
     by_sev: dict[str, dict[str, int]] = {"error": {}, "warning": {}}
-    for code, severity, n in store.conn.execute(
-            "SELECT code, severity, count(*) FROM issues GROUP BY 1, 2 ORDER BY 1"):
-        by_sev.setdefault(str(severity), {})[str(code)] = int(n)
+    for code, severity, n in store.figures.issues_by_code():
+        by_sev.setdefault(severity, {})[code] = n
     return {"by_severity": by_sev,
             "totals": {k: sum(v.values()) for k, v in by_sev.items()}}
 
@@ -139,17 +137,14 @@ def rows_to_fix(store: StateStore, limit: int = TOP_ROWS) -> dict[str, Any]:
     """The source rows with the most to fix: errors first, then warnings; one line per row
     with its first code and what the codes table says to do."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for project, key, gid, rowid, code, severity in store.conn.execute(
-            "SELECT project, row_key, group_id, src_rowid, code, severity FROM issues "
-            "WHERE src_rowid IS NOT NULL AND row_key NOT LIKE '#schema%' "
-            "AND row_key NOT LIKE '#sidecar:%' AND row_key NOT LIKE '#image:%' "
-            "ORDER BY severity = 'error' DESC, id"):
-        r = rows.setdefault((project, key), {
-            "project": project, "group_id": gid if gid is not None else key, "rowid": rowid,
-            "errors": 0, "warnings": 0, "codes": []})
-        r["errors" if severity == "error" else "warnings"] += 1
-        if code not in r["codes"]:
-            r["codes"].append(code)
+    for found in store.figures.row_issues():
+        r = rows.setdefault((found.project, found.row_key), {
+            "project": found.project,
+            "group_id": found.group_id if found.group_id is not None else found.row_key,
+            "rowid": found.src_rowid, "errors": 0, "warnings": 0, "codes": []})
+        r["errors" if found.severity == "error" else "warnings"] += 1
+        if found.code not in r["codes"]:
+            r["codes"].append(found.code)
     ranked = sorted(rows.values(), key=lambda r: (-r["errors"], -r["warnings"], r["project"],
                                                   r["rowid"]))
     out = []

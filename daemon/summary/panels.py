@@ -70,13 +70,11 @@ def crop_panels(settings: Settings, store: StateStore, examples: list[dict[str, 
         if name is None:
             panel["note"] = "the row names no picked image"
         else:
-            row = store.conn.execute(
-                "SELECT path FROM images WHERE project = ? AND file_name = ? AND gone_at IS NULL "
-                "ORDER BY seen_at DESC LIMIT 1", (ex["project"], name)).fetchone()
-            if row is None:
+            path = store.images.latest_path(ex["project"], name)
+            if path is None:
                 panel["note"] = "image no longer on disk (deleted after review)"
             else:
-                panel["image_path"] = str(row[0])
+                panel["image_path"] = path
         recorded = _box(ex.get("ai_crop_coords"))
         if recorded is not None:
             panel["model_box"], panel["model_box_from"] = recorded, "ai_crop_coords in the row"

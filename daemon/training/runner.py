@@ -158,13 +158,20 @@ def train_model(settings: Settings, kind: Kind, *, force: bool = False,
                 timeout_seconds: float | None = None,
                 vectors_factory: str = DEFAULT_VECTORS_FACTORY,
                 progress: Callable[[dict[str, Any]], None] | None = None,
-                now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> TrainOutcome:
+                now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                store: StateStore | None = None) -> TrainOutcome:
     """Train ``kind`` if due (or ``force``); record the attempt; never raise for a bad run.
 
     With ``vectors`` the training runs in this process (callers that already hold a source,
     tests); without, in a child that builds its source from ``vectors_factory``
-    (``module:callable(settings, store)``)."""
-    store = StateStore(settings.state_db)
+    (``module:callable(settings, store)``).  The run is recorded through ``store``, the
+    caller's one writable store (the daemon passes its own, so no second writer exists in the
+    process); a one-shot command (``trainingd train``) without one opens its own, which
+    writes only in the two short ``BEGIN IMMEDIATE`` transactions (start, end) that the
+    daemon's writer waits on like any other, and closes it at the end."""
+    owned = store is None
+    if store is None:
+        store = StateStore(settings.state_db)
     try:
         decision = policy.retrain_decision(store, settings, kind, now())
         if not force and not decision.due:
@@ -195,4 +202,5 @@ def train_model(settings: Settings, kind: Kind, *, force: bool = False,
                  promoted=outcome.promoted, reason=outcome.reason)
         return outcome
     finally:
-        store.close()
+        if owned:
+            store.close()
