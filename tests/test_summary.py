@@ -36,9 +36,12 @@ class TestSummary:
         train_model(s, "ranker", force=True, vectors=HashSource(), now=lambda: NOW)
         json_path, md_path = write_daily_summary(s, store, NOW)
         day = "2025-11-01"
+        # the training's data gate writes its inspection report first (issue 12, item 7)
         assert {p.name for p in s.summaries_dir.iterdir()} == {
             f"daily_summary_{day}.json", f"daily_summary_{day}.md",
-            *(f"daily_summary_{day}_{name}.png" for name in PLOTS)}
+            *(f"daily_summary_{day}_{name}.png" for name in PLOTS),
+            "ai_training_inspection_20251101T120000Z.json",
+            "ai_training_inspection_20251101T120000Z.md"}
         data = json.loads(json_path.read_text())
         # by the decisions' own timestamps: the 120 older rows are not new
         assert sum(data["new_decisions"]["mojo3"].values()) == 5

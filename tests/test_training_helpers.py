@@ -104,7 +104,11 @@ def plant_groups(db: Any, source: MemorySource, clip: TinyClip, groups: int, *,
         names = [f"2025{g:04d}_{k:06d}_{STAGE_NAMES[s]}.png" for k, s in enumerate(stages)]
         for k, name in enumerate(names):
             vec = good[rng.integers(pool)] if k == pick else bad[rng.integers(pool)]
-            source.vectors[(db.project, name)] = vec
+            # a fresh vector per image (pool vector + noise, cosine ~0.9 between two draws):
+            # a reused vector would join every group that drew it into one unit (issue 12)
+            vec = vec + 0.35 * rng.standard_normal(vec.shape).astype(np.float32) / np.sqrt(
+                vec.size)
+            source.vectors[(db.project, name)] = vec / np.linalg.norm(vec)
         changes: dict[str, Any] = {"images": json.dumps(names), "user_selected_index": pick,
                                    "ai_selected_index": count - 1,
                                    "selection_match": int(pick == count - 1)}

@@ -224,7 +224,9 @@ def models(settings: Settings, until: datetime) -> dict[str, list[dict[str, Any]
                 "version": meta.get("version"), "created_at": created,
                 "promoted": meta.get("promoted"), "champion": meta.get("version") == champion,
                 "reason": meta.get("promotion_reason"), "holdout_size": meta.get("holdout_size"),
-                "train_size": meta.get("train_size"), "embedder_id": meta.get("embedder_id")}
+                "train_size": meta.get("train_size"), "embedder_id": meta.get("embedder_id"),
+                # random-init embedder weights: named in the summary (never exported)
+                "embedder_random": meta.get("embedder_random")}
             item.update(_ranker_item(meta) if kind == "ranker" else _crop_item(meta))
             items.append(item)
         out[kind] = items

@@ -8,6 +8,11 @@ from typing import Any
 from daemon.summary.stats import fmt
 
 
+def _random(item: dict[str, Any]) -> str:
+    """Models made from random-init embedder weights say so beside their version."""
+    return " (RANDOM WEIGHTS)" if item.get("embedder_random") else ""
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -76,14 +81,16 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
               "reason |", "|---|---|---|---|---|---|---|---|"]
     for item in summary["models"]["ranker"]:
         lines.append(
-            f"| ranker | v{item['version']} | {'yes' if item['champion'] else ''} | "
+            f"| ranker | v{item['version']}{_random(item)} | "
+            f"{'yes' if item['champion'] else ''} | "
             f"{item['promoted']} | {item['train_size']} / {item['holdout_size']} | top-1 "
             f"{fmt(item['model_top1'])}; anomaly {fmt(item['model_top1_anomaly'])} | highest "
             f"stage {fmt(item['baseline_top1'])}; anomaly "
             f"{fmt(item['baseline_top1_anomaly'])} | {_cell(item['reason'])} |")
     for item in summary["models"]["crop"]:
         lines.append(
-            f"| crop | v{item['version']} | {'yes' if item['champion'] else ''} | "
+            f"| crop | v{item['version']}{_random(item)} | "
+            f"{'yes' if item['champion'] else ''} | "
             f"{item['promoted']} | {item['train_size']} / {item['holdout_size']} | mean IoU "
             f"{fmt(item['model_mean_iou'])} ({item['model_mean_iou']['method']}) | full frame "
             f"{fmt(item['full_frame_mean_iou'])}; mean box {fmt(item['mean_box_mean_iou'])} | "

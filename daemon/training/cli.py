@@ -1,5 +1,5 @@
-"""``trainingd train ranker|crop [--force]`` and ``trainingd summary``: the command-line faces
-of the runner and the daily summary.  Parsing and printing only.
+"""``trainingd train ranker|crop [--force]``: the command-line face of the runner.  Parsing
+and printing only (``trainingd summary`` is :mod:`daemon.summary.cli`).
 
 Exit codes of ``train``: 0 a model was trained (promoted or not) or none was due; 1 the training
 failed, crashed or timed out; 3 not enough data.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from daemon.settings import Settings
@@ -34,15 +33,6 @@ def add_train_parser(subparsers: Any, common_parent: argparse.ArgumentParser
     return p
 
 
-def add_summary_parser(subparsers: Any, common_parent: argparse.ArgumentParser
-                       ) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "summary", parents=[common_parent], help="write today's daily summary now",
-        description="Write the daily summary (JSON, Markdown, PNG plots) into the summaries "
-                    "folder and print their paths.")
-    return p
-
-
 def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * float(v):.1f}%"
 
@@ -63,8 +53,8 @@ def metrics_table(kind: str, metrics: dict[str, Any]) -> str:
                 ("top-1", "top1", _pct), ("top-1 normal", "top1_normal", _pct),
                 ("top-1 anomaly", "top1_anomaly", _pct)]
     else:
-        cols = [("model", "model"), ("full frame", "baseline_full_frame"),
-                ("mean box", "baseline_mean_box")]
+        cols = [("model", "model"), ("raw output", "model_raw"),
+                ("full frame", "baseline_full_frame"), ("mean box", "baseline_mean_box")]
         rows = [("crops", "n", str), ("mean IoU", "mean_iou", _num),
                 ("median IoU", "median_iou", _num),
                 ("centre distance", "mean_centre_distance", _num),
@@ -79,7 +69,35 @@ def metrics_table(kind: str, metrics: dict[str, Any]) -> str:
             lines.append(f"{'IoU stage ' + st:<22}" + "".join(
                 f"{_num(metrics.get(c[1], {}).get('by_stage', {}).get(st, {}).get('mean_iou')):>15}"
                 for c in cols))
+    if kind == "crop" and (raw := raw_output_line(metrics)):
+        lines.append(raw)
     return "\n".join(lines)
+
+
+def embedder_lines(embedder_id: str, random: bool, reviewer: dict[str, Any]) -> list[str]:
+    """Which embedder the model needs, RANDOM WEIGHTS named in capitals, and the reviewer
+    export's outcome (exported, or why its file was left as it was)."""
+    if not embedder_id:
+        return []
+    lines = [f"embedder: {embedder_id}"]
+    if random:
+        lines.append("RANDOM WEIGHTS: the embedder was random-init (tests and demos only); "
+                     "this model is never exported to the reviewer")
+    if reviewer:
+        state = "exported" if reviewer.get("exported") else "not exported"
+        lines.append(f"reviewer: {state} - {reviewer.get('note', '')}")
+    return lines
+
+
+def raw_output_line(metrics: dict[str, Any]) -> str | None:
+    """The crop net's raw output, as the reviewer reads it, against the guarded box."""
+    raw = metrics.get("raw_output")
+    if not isinstance(raw, dict) or not raw.get("n"):
+        return None
+    differs = _pct(raw.get("raw_differs_from_projected"))
+    return (f"raw output (what the reviewer reads): valid {_pct(raw.get('raw_valid'))}, "
+            f"aspect kept {_pct(raw.get('raw_aspect_kept'))}, differs from the projected box "
+            f"beyond {raw.get('aspect_tolerance')} on {differs}")
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -91,22 +109,11 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         version = f" v{outcome.version}" if outcome.version is not None else ""
         print(f"{args.kind}{version}: {outcome.status} - {outcome.reason}")
+        for line in embedder_lines(outcome.embedder_id, outcome.embedder_random,
+                                   outcome.reviewer_export):
+            print(line)
         if outcome.metrics:
             print(metrics_table(args.kind, outcome.metrics))
     if outcome.status in ("promoted", "not_promoted", "not_due"):
         return 0
     return EXIT_NOT_ENOUGH_DATA if outcome.status == "not_enough_data" else EXIT_FAILED
-
-
-def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.store.db import StateStore
-    from daemon.summary import write_daily_summary
-
-    store = StateStore(settings.state_db)
-    try:
-        json_path, md_path = write_daily_summary(settings, store, datetime.now(UTC))
-    finally:
-        store.close()
-    print(json_path)
-    print(md_path)
-    return 0

@@ -113,17 +113,35 @@ def save_model(models_dir: Path, kind: str, version: int, state: dict[str, Any],
     return [pt, meta]
 
 
+def reviewer_paths(models_dir: Path, kind: str) -> tuple[Path, Path]:
+    """The file the reviewer loads for ``kind`` and its metadata."""
+    folder = models_dir / REVIEWER_DIR
+    return folder / f"{PREFIX[kind]}.pt", folder / f"{PREFIX[kind]}_metadata.json"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
-            metadata: dict[str, Any], now: datetime, *, reviewer_format: bool) -> list[Path]:
-    """Export in the reviewer's format (where the architecture allows), then move the pointer."""
+            metadata: dict[str, Any], now: datetime, *,
+            reviewer: tuple[dict[str, Any], dict[str, Any]] | None = None) -> list[Path]:
+    """Export ``reviewer`` (state, metadata) for the reviewer where the run allowed it (real
+    embedder weights, a reviewer-loadable model that itself passed the promotion test), then
+    move the pointer.  Without it the reviewer's files are left exactly as they were."""
     written: list[Path] = []
-    if reviewer_format:
-        folder = models_dir / REVIEWER_DIR
-        pt = folder / f"{PREFIX[kind]}.pt"
-        meta = folder / f"{PREFIX[kind]}_metadata.json"
-        atomic_write_bytes(pt, _state_bytes(state))
-        atomic_write_text(meta, json.dumps(reviewer_metadata(metadata), indent=2,
-                                           sort_keys=True, default=str) + "\n")
+    if reviewer is not None:
+        rstate, rmeta = reviewer
+        if rmeta.get("embedder_random") is not False:  # a last guard: never random weights
+            raise ValueError(f"refusing to export {kind} v{version} to the reviewer: "
+                             f"embedder {rmeta.get('embedder_id')!r} is random or unknown")
+        pt, meta = reviewer_paths(models_dir, kind)
+        atomic_write_bytes(pt, _state_bytes(rstate))
+        atomic_write_text(meta, json.dumps(rmeta, indent=2, sort_keys=True, default=str) + "\n")
         written += [pt, meta]
     pointer = read_pointer(models_dir)
     pointer[kind] = {"version": version, "file": model_path(models_dir, kind, version).name,
@@ -134,12 +152,28 @@ def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
 
 
 def reviewer_metadata(meta: dict[str, Any]) -> dict[str, Any]:
-    """The keys the old metadata files held (data contract section 6)."""
+    """The keys the old metadata files held (data contract section 6), describing what the
+    reviewer loads (for the ranker: the 512-input scorer, not trainingd's residual ranker),
+    plus the embedder it needs: the reviewer must embed with the same weights."""
+    export = meta.get("reviewer_export", {})
+    arch = dict(meta.get("architecture") or {})
+    if meta.get("kind") == "ranker":
+        from daemon.training.models import architecture
+
+        arch = architecture("ranker", int(arch.get("in_features", 512)),
+                            float(arch.get("dropout", 0.0)), "scorer")
     return {"version": meta.get("version"), "created_at": meta.get("created_at"),
-            "train_size": meta.get("train_size"), "validation_size": meta.get("holdout_size"),
-            "best_epoch": meta.get("hyperparameters", {}).get("epochs"),
-            "metrics": meta.get("metrics"), "hyperparameters": meta.get("hyperparameters"),
-            "architecture": meta.get("architecture"), "loss": meta.get("training", {}).get("loss"),
+            "train_size": meta.get("train_size"),
+            "validation_size": meta.get("validation_size"),
+            "test_size": meta.get("test_size", meta.get("holdout_size")),
+            "best_epoch": (meta.get("candidates") or {}).get("scorer", {}).get(
+                "best_epoch", meta.get("training", {}).get("best_epoch")),
+            "metrics": export.get("metrics"), "evaluated_as": export.get("evaluated_as"),
+            "promotion": export.get("decision"),
+            "hyperparameters": meta.get("hyperparameters"), "architecture": arch,
+            "loss": meta.get("training", {}).get("loss"),
+            "embedder_id": meta.get("embedder_id"),
+            "embedder_random": meta.get("embedder_random"),
             "source": f"trainingd {meta.get('file')}"}
 
 
