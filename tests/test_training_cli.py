@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import structlog
+import structlog.testing
 
 from daemon.settings import Settings
 from daemon.store import StateStore
@@ -53,7 +55,10 @@ class TestTrainCommand:
 class TestSummaryCommand:
     def test_prints_both_paths(self, settings: Settings, store: StateStore,
                                capsys: pytest.CaptureFixture[str]) -> None:
-        """The command writes the summary and prints the JSON and Markdown paths."""
-        assert cmd_summary(parse(["summary"]), settings) == 0
+        """The command writes the summary and prints the JSON and Markdown paths (log lines
+        go to the log stream, captured here as records, never between the paths)."""
+        with structlog.testing.capture_logs() as logs:
+            assert cmd_summary(parse(["summary"]), settings) == 0
         out = capsys.readouterr().out.split()
         assert [p.rsplit(".", 1)[1] for p in out] == ["json", "md"]
+        assert [e["json"] for e in logs if e["event"] == "summary.written"] == [out[0]]
