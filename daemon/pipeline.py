@@ -234,6 +234,11 @@ class Pipeline:
     # -- embedding (heavy lane) -----------------------------------------------------------------
 
     def _do_embed(self, task: Task, should_stop: ShouldStop) -> TaskResult:
+        if self.image_roots():
+            # load (or fail to find) the model at the first embed task (the startup
+            # reconcile queues one), on this lane: the operator learns of missing weights at
+            # once, and the fast lane never waits for the load
+            self.embedding.ready_stage()
         present = self.index.present(task.project)
         with self._recent_lock:
             recent = set().union(*self._recent.values()) if self._recent else set()
