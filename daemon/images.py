@@ -2,22 +2,20 @@
 
 File names look like ``YYYYMMDD_HHMMSS_<stage>.png``; the stage decides the "always highest
 stage" baseline, so it is parsed in exactly one place.  Every read of a file in an image root
-goes through :func:`open_regular`: a FIFO named ``x.png`` would block a plain ``open()``
-forever (and with it the only worker), a device or socket has no business being read, so only
-regular files are ever opened, and what is not one becomes a :class:`NotRegularFileError`.
+goes through :func:`daemon.files.open_regular`: a FIFO named ``x.png`` would block a plain
+``open()`` forever.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import re
-import stat
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
+
+from daemon.files import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from daemon.store.db import StateStore
@@ -30,7 +28,6 @@ STAGES: dict[str, float] = {
     "stage3_enhanced": 3.0,
 }
 _STAGE_RE = re.compile(r"(stage1_generated|stage1\.5_face_swapped|stage2_upscaled|stage3_enhanced)")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 
 def parse_stage(file_name: str) -> float | None:
@@ -42,83 +39,6 @@ def parse_stage(file_name: str) -> float | None:
         return rank
     m = _STAGE_RE.search(file_name)
     return STAGES[m.group(1)] if m else None
-
-
-# -- safe reading --------------------------------------------------------------------------------
-
-#: never block on a FIFO, never follow a symlink planted in an image root, never leak the fd
-_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
-               | getattr(os, "O_CLOEXEC", 0))
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"))
-
-
-class NotRegularFileError(OSError):
-    """The path names something other than a regular file (issue code ``image_not_regular``)."""
-
-    def __init__(self, path: Path, what: str) -> None:
-        super().__init__(f"{path} is {what}, not a regular file")
-        self.path = path
-        self.what = what
-
-
-def describe_mode(mode: int) -> str:
-    return next((what for test, what in _KINDS if test(mode)), f"a file of mode {mode:o}")
-
-
-def open_regular(path: Path) -> int:
-    """An fd open for reading on ``path``, which must be a regular file (not a symlink).
-
-    ``O_NONBLOCK`` makes opening a FIFO return at once; ``fstat`` on the open fd (not a ``stat``
-    before it, which a rename could outrun) then refuses anything that is not a regular file."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        # O_NOFOLLOW on a link fails (ELOOP), so does opening a socket (ENXIO): say what it is
-        what = _not_regular(path)
-        if what is not None:
-            raise NotRegularFileError(path, what) from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(path, describe_mode(st.st_mode))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _not_regular(path: Path) -> str | None:
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    return None if stat.S_ISREG(mode) else describe_mode(mode)
-
-
-@contextlib.contextmanager
-def open_regular_file(path: Path) -> Iterator[BinaryIO]:
-    """:func:`open_regular` as a binary file object (for Pillow, which reads only a header)."""
-    with os.fdopen(open_regular(path), "rb") as fh:
-        yield fh
-
-
-def read_regular(path: Path) -> tuple[bytes, os.stat_result]:
-    """The bytes of a regular file and its ``fstat`` (size and mtime of what was read)."""
-    with open_regular_file(path) as fh:
-        st = os.fstat(fh.fileno())
-        return fh.read(), st
-
-
-def sha256_regular(path: Path, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a regular file, read in chunks (the one helper for image hashes)."""
-    digest = hashlib.sha256()
-    with open_regular_file(path) as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- the image index ---------------------------------------------------------------------------
