@@ -256,6 +256,10 @@ class Service:
             self.notifier.watchdog()  # only while work moves
             now = time.monotonic()
             if now >= next_beat:
+                if self.box.results_due():
+                    # a trigger result that failed to write (disk full) is retried when due,
+                    # not only when the next trigger file happens to arrive
+                    self.lanes.put(Task(TaskKind.TRIGGERS, urgent=True))
                 self._write_heartbeat("paused" if self.pipeline.paused else "running")
                 self.metrics.write_textfile()
                 self.notifier.status(self._status_line())

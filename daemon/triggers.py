@@ -210,6 +210,12 @@ class TriggerBox:
         """Claimed triggers whose result is still waiting to be written (for status, tests)."""
         return sorted(self._pending)
 
+    def results_due(self, now: datetime | None = None) -> bool:
+        """Whether a result that could not be written before is due for another try: the
+        service then queues a claim, so the retry does not wait for the next dropped trigger."""
+        at = now or self.clock()
+        return any(p.next_at is None or p.next_at <= at for p in list(self._pending.values()))
+
     # -- claiming -------------------------------------------------------------------------------
 
     def claim(self, now: datetime | None = None) -> list[Task]:

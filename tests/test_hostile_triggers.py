@@ -253,6 +253,20 @@ class TestResultWrites:
         assert result_of(box, "summary", "done")["rows"] == 3
         assert (box.done / "summary").exists()
 
+    def test_a_due_result_asks_for_a_claim(self, tmp_path: Path) -> None:
+        """results_due() (which the service checks every heartbeat, so a retry never waits for
+        the next dropped trigger) is false before the backoff, true after, false once written."""
+        writer = _FullDisk(failures=1)
+        now = datetime.now(UTC)
+        box = make_box(tmp_path / "triggers", write_result=writer, clock=lambda: now)
+        (box.folder / "summary").write_text("")
+        (task,) = box.claim(now)
+        assert not box.results_due(now)
+        box.finish(Path(task.trigger or ""), ok=True, result={})
+        assert not box.results_due(now) and box.results_due(now + LATER)
+        box.claim(now + LATER)
+        assert box.pending_results == [] and not box.results_due(now + LATER)
+
     def test_rejected_trigger_on_a_full_disk_is_not_lost(self, tmp_path: Path) -> None:
         """A bad trigger whose failure result cannot be written gets it written later."""
         writer = _FullDisk(failures=1)

@@ -315,12 +315,14 @@ class Conductor:
             return "starting"
         if pipeline.embedding_disabled:
             return f"embedding disabled ({pipeline.embedding_disabled})"
-        # the pipeline's private stage: the only sign that the model is in memory
-        if getattr(pipeline, "_embedding", None) is not None:
+        state = pipeline.model.state
+        if state == "loaded":
             return "embedding model loaded"
-        if "loading the embedding model" in (self.service.progress.note or ""):
+        if state == "loading":
             return ("loading the embedding model (importing torch and building CLIP: slow on "
                     "a busy machine)")
+        if state == "failed":
+            return f"embedding model failed to load ({pipeline.model.error})"
         return "validating the decision DBs"
 
     def _working(self) -> str:
