@@ -395,11 +395,13 @@ class Service:
         self.progress.bind(lane.progress)
         try:
             while not self.stopping.is_set():
+                lane.progress.beat("idle")  # waiting for work is not a stall
+                task = lane.queue.get(timeout=0.5)
+                # after the wait, before the task: a task queued by a reload (its reconcile,
+                # the embed that follows) must run under the settings that queued it
                 pending = self.pending_settings.pop(lane.lane, None)
                 if pending is not None:
                     self.pipeline.reconfigure_lane(lane.lane, pending)
-                lane.progress.beat("idle")  # waiting for work is not a stall
-                task = lane.queue.get(timeout=0.5)
                 if task is None or self.stopping.is_set():
                     continue  # a claimed trigger stays in processing/: claimed again at start
                 if self.pipeline.paused and task.kind not in CONTROL_KINDS:

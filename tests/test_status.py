@@ -53,8 +53,10 @@ def plant_champion(models_dir: Path) -> None:
             "holdout_size": 42, "metrics": {"model": {"top1": 0.8125}}}
     state = {"w": torch.zeros(2, 2)}
     registry.save_model(models_dir, "ranker", 1, state, meta)
+    rmeta = {**registry.reviewer_metadata(meta), "embedder_id": "ViT-B-32/openai",
+             "embedder_random": False}
     registry.promote(models_dir, "ranker", 1, state, meta, datetime(2025, 10, 24, tzinfo=UTC),
-                     reviewer_format=True)
+                     reviewer=(state, rmeta))
 
 
 def wait_new(d: Launched, start: int, event: str, timeout: float = 60, **facts: Any) -> Record:
