@@ -19,9 +19,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.decisions.checks import CheckContext, check_box, check_images, check_row
-from daemon.pipeline import SIDECAR_KEY, Pipeline
+from daemon.pipeline import Pipeline
 from daemon.records import Issue
 from daemon.settings import ProjectSettings, Settings
+from daemon.sidecar_record import SIDECAR_KEY
 from daemon.sidecars import parse_sidecar
 from daemon.store import StateStore
 from daemon.validation import Validator
