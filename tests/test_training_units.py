@@ -90,6 +90,17 @@ class TestUnits:
         assert {tuple(p) for p in lsh} <= {tuple(p) for p in exact}
         assert len(lsh) >= 48
 
+    def test_lsh_search_over_a_crowded_bucket_matches_exact(self) -> None:
+        """A tight cluster (one bucket above the large-bucket size) gives the exact pairs."""
+        rng = np.random.default_rng(5)
+        x = _fresh(rng, 2000, 64)
+        cluster = x[0] + 0.05 * _fresh(rng, 400, 64)
+        x = np.concatenate([x, cluster / np.linalg.norm(cluster, axis=1, keepdims=True)])
+        exact = {tuple(p) for p in near_duplicate_pairs(x, 0.97, exact_limit=10**9)}
+        lsh = {tuple(p) for p in near_duplicate_pairs(x, 0.97, exact_limit=100)}
+        assert len(exact) > 400 * 399 // 2 and lsh <= exact
+        assert len(lsh) >= 0.99 * len(exact)
+
     @given(st.lists(st.integers(0, 400), unique=True, min_size=1, max_size=40),
            st.lists(st.integers(401, 800), unique=True, max_size=40), st.integers(0, 3))
     @hsettings(max_examples=40, deadline=None)

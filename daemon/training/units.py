@@ -44,8 +44,9 @@ SPLIT_RULE = ("unit = union of groups sharing an image content hash or a near-du
               "test if u < test_fraction or a member's project is in holdout_projects, "
               "validation if u < test_fraction + validation_fraction, else train")
 EXACT_SEARCH_LIMIT = 20_000  # vectors: above this the search is LSH-bucketed (see below)
-LSH_BITS = 10
-LSH_TABLES = 12
+LSH_BITS = 20  # ~200k/2**20 random neighbours per bucket: few candidates per table
+LSH_TABLES = 32  # so a pair at 0.97 is still missed with probability <= 1e-3
+LARGE_BUCKET = 256  # members: above this a bucket is checked with a Gram matrix
 
 
 def group_key(project: str, group_id: str) -> str:
@@ -128,25 +129,79 @@ def lsh_miss_bound(threshold: float, bits: int = LSH_BITS, tables: int = LSH_TAB
     return float((1 - agree**bits) ** tables)
 
 
-def _lsh_pairs(x: np.ndarray, threshold: float, block: int, seed: int) -> list[np.ndarray]:
+def _lsh_codes(x: np.ndarray, seed: int, rows_per_chunk: int = 8192) -> np.ndarray:
+    """``(n, LSH_TABLES)`` bucket codes: one matmul per row chunk hashes every table at once."""
     n, dim = x.shape
     rng = np.random.default_rng(seed)
+    planes = rng.standard_normal((dim, LSH_TABLES * LSH_BITS)).astype(np.float32)
     weights = (1 << np.arange(LSH_BITS, dtype=np.int64))
+    codes = np.empty((n, LSH_TABLES), dtype=np.int64)
+    for s in range(0, n, rows_per_chunk):
+        signs = (x[s:s + rows_per_chunk] @ planes) > 0
+        codes[s:s + rows_per_chunk] = signs.reshape(-1, LSH_TABLES, LSH_BITS) @ weights
+    return codes
+
+
+def _bucket_pairs(order: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Every within-bucket pair of the sorted ``order`` as ``min*n + max`` keys, vectorised."""
+    sizes = ends - starts
+    pos = np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) -
+                                      np.repeat(np.cumsum(sizes) - sizes, sizes))
+    after = np.repeat(ends, sizes) - pos - 1  # partners later in the same bucket
+    a_pos = np.repeat(pos, after)
+    b_pos = a_pos + 1 + (np.arange(int(after.sum())) - np.repeat(np.cumsum(after) - after, after))
+    a, b = order[a_pos], order[b_pos]
+    n = len(order)
+    keys: np.ndarray = np.minimum(a, b) * n + np.maximum(a, b)
+    return keys
+
+
+def _check_keys(x: np.ndarray, keys: np.ndarray, threshold: float,
+                chunk: int = 1 << 18) -> list[np.ndarray]:
+    """Exact cosine of candidate pairs (row-wise dot products, in chunks); keeps the true ones."""
+    n = len(x)
     out: list[np.ndarray] = []
-    for _ in range(LSH_TABLES):
-        planes = rng.standard_normal((dim, LSH_BITS)).astype(np.float32)
-        codes = ((x @ planes) > 0).astype(np.int64) @ weights
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
+    for s in range(0, len(keys), chunk):
+        k = keys[s:s + chunk]
+        a, b = k // n, k % n
+        sims = np.einsum("ij,ij->i", x[a], x[b])
+        hit = sims >= threshold
+        if hit.any():
+            out.append(np.stack([a[hit], b[hit]], axis=1))
+    return out
+
+
+def _lsh_pairs(x: np.ndarray, threshold: float, block: int, seed: int) -> list[np.ndarray]:
+    """Candidates from ``LSH_TABLES`` sign-projection tables, each checked exactly.
+
+    Buckets up to ``LARGE_BUCKET`` members (nearly all of them) enumerate their pairs in one
+    vectorised step and all tables' candidates are deduplicated before one batched check;
+    larger buckets (clustered data) are checked with a bucket-local Gram matrix instead of
+    materialising their quadratic pair list."""
+    n = len(x)
+    codes = _lsh_codes(x, seed)
+    out: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    pending_size = 0
+    for t in range(LSH_TABLES):
+        order = np.argsort(codes[:, t], kind="stable")
+        sorted_codes = codes[order, t]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         ends = np.r_[starts[1:], n]
-        for s, e in zip(starts, ends, strict=True):
-            if e - s < 2:
-                continue
+        sizes = ends - starts
+        small = (sizes >= 2) & (sizes <= LARGE_BUCKET)
+        if small.any():
+            keys = _bucket_pairs(order, starts[small], ends[small])
+            pending.append(keys)
+            pending_size += len(keys)
+        for s, e in zip(starts[sizes > LARGE_BUCKET], ends[sizes > LARGE_BUCKET], strict=True):
             members = np.sort(order[s:e])
             for b in range(0, len(members), block):
                 out += _pairs_in_block(x, members[b:b + block], members[b:], threshold,
                                        upper_only=True)
+        if pending_size > 1 << 23 or (t == LSH_TABLES - 1 and pending):
+            out += _check_keys(x, np.unique(np.concatenate(pending)), threshold)
+            pending, pending_size = [], 0
     return out
 
 
