@@ -258,6 +258,9 @@ class ProjectSettings(_Section):
     image_roots: list[Path] = Field(default_factory=list)
     #: whether rows written by ``trainingd backfill`` count as new labels for retraining
     backfill_counts_toward_retrain: bool = False
+    #: false: a validation-only project (e.g. a legacy DB whose images are gone): its rows are
+    #: validated and reported but never trained on, and the training data gate skips it
+    train: bool = True
 
 
 class Settings(BaseSettings):

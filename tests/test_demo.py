@@ -81,7 +81,7 @@ def run_demo(base: Path, *args: str, timeout: float = DEMO_TIMEOUT_S) -> DemoRun
     env = demo_env(base)
     root = base / "demo"
     proc = subprocess.run([sys.executable, "-m", "daemon", "demo", "--out", str(root),
-                           "--groups", "16", *args], capture_output=True, text=True,
+                           "--groups", "24", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=base)
     return DemoRun(base, root, proc, env)
 

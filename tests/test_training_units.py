@@ -159,6 +159,14 @@ class TestGate:
         assert "30 of 100 rows" in out["a"]["failures"][0]
         assert "only 20 of 95" in out["b"]["failures"][0]
 
+    def test_validation_only_projects_never_fail_the_gate(self) -> None:
+        """A project configured ``train = false`` is listed with its figures but not failed."""
+        report = {"counts_by_project": {"legacy": 10}, "invalid_rows": [{"project": "legacy"}] * 9}
+        out = judge(report, {"legacy": {"rows": 10, "embedded": 0}}, max_error_share=0.2,
+                    min_coverage=0.5, untrained=frozenset({"legacy"}))
+        assert out["legacy"]["failures"] == [] and out["legacy"]["trained"] is False
+        assert out["legacy"]["invalid_rows"] == 9
+
     def test_gate_refuses_with_a_named_report(self, settings: Settings, store: StateStore,
                                               make_db: Any, validator: Validator) -> None:
         """A project with many invalid rows is refused, and the reason names the report."""

@@ -82,14 +82,23 @@ pretrained = "none"     # random init: a demo, never for real use
 batch_size = 16
 
 [training]
+# demo scale: a few dozen groups split three ways by leak-proof unit (promotion needs
+# training.min_test_groups = 100 test groups, so the demo shows a model trained, evaluated
+# against the baselines, and honestly not promoted)
 min_new_labels = 20
-min_train_groups = 10
-min_holdout_groups = 3
+holdout_fraction = 0.3
+validation_fraction = 0.2
+min_train_groups = 3
+min_holdout_groups = 1
 epochs = 5
 crop_epochs = 10
 
 [projects.studio]
 image_roots = ["photos"]
+
+# the legacy DB has planted faults and no images: validated and reported, never trained on
+[projects.legacy]
+train = false
 """
 
 

@@ -34,18 +34,13 @@ from daemon.settings import Settings
 from daemon.store.db import StateStore
 from daemon.timeparse import iso_utc
 from daemon.training import registry
-from daemon.training.dataset import CropData, DatasetInfo, RankerData
+from daemon.training.dataset import CropData, DatasetInfo, RankerData, is_random_embedder
 
 log = structlog.get_logger("training")
 Kind = Literal["ranker", "crop"]
 Progress = Callable[[dict[str, Any]], None]
 REVIEWER_DIM = 512
 REVIEWER_CROP_FEATURES = 514
-
-
-def is_random_embedder(embedder_id: str) -> bool:
-    """Random-init embedders say so in their id (``...:random-init-seed0:...``)."""
-    return "random" in embedder_id.lower()
 
 
 @dataclass(frozen=True)

@@ -169,14 +169,22 @@ def is_backfilled(row: Row) -> bool:
     return isinstance(gid, str) and "_legacy_" in gid and row[DIRECTORY] is None
 
 
-def _candidates(store: StateStore, kind: Kind, info: DatasetInfo
-                ) -> dict[str, list[tuple[str, int, int]]]:
-    """``project -> [(row_key, src_rowid, digest)]`` of rows the state DB calls usable."""
+def untrained_projects(settings: Settings) -> frozenset[str]:
+    """Projects configured as validation-only (``train = false``)."""
+    return frozenset(name for name, cfg in settings.projects.items() if not cfg.train)
+
+
+def _candidates(store: StateStore, kind: Kind, info: DatasetInfo, *,
+                skip: frozenset[str] = frozenset()) -> dict[str, list[tuple[str, int, int]]]:
+    """``project -> [(row_key, src_rowid, digest)]`` of rows the state DB calls usable; the
+    projects in ``skip`` (``projects.<name>.train = false``) are left out whole."""
     out: dict[str, list[tuple[str, int, int]]] = {}
     for project, key, rowid, digest, errors, pending, action in store.conn.execute(
         "SELECT project, row_key, src_rowid, digest, errors, pending_crop, user_action "
         "FROM row_state ORDER BY project, src_rowid"
     ):
+        if project in skip:
+            continue
         if kind == "crop" and action != "crop":
             continue  # not a crop label: nothing excluded
         if errors:
@@ -246,11 +254,31 @@ def _coverage(info: DatasetInfo, project: str, kept: bool) -> None:
     c["embedded"] += int(kept)
 
 
+def is_random_embedder(embedder_id: str) -> bool:
+    """Random-init embedders say so in their id (``...:random-init-seed0:...``)."""
+    return "random" in embedder_id.lower()
+
+
+#: a threshold no cosine reaches: the near-duplicate search is skipped
+NO_NEAR_DUPLICATES = 2.0
+
+
 def assign_sides(settings: Settings, info: DatasetInfo, groups: list[GroupImages],
                  keys: list[str]) -> np.ndarray:
     """Build the units over every loaded group and return each example's side code."""
     t = settings.training
-    units = build_units(groups, cosine=t.near_duplicate_cosine, seed=t.holdout_seed,
+    cosine = t.near_duplicate_cosine
+    if is_random_embedder(info.embedder_id):
+        # a random-init network maps different pictures to nearly the same vector, so
+        # "near-duplicate" would join every group into one unit: only content hashes, file
+        # names and identical vectors join groups then (the run is named random anyway)
+        cosine = NO_NEAR_DUPLICATES
+        import structlog
+
+        structlog.get_logger("training").info(
+            "training.near_duplicates_skipped", embedder_id=info.embedder_id,
+            reason="random-init embedder: its vectors say nothing about the pictures")
+    units = build_units(groups, cosine=cosine, seed=t.holdout_seed,
                         test_fraction=t.holdout_fraction,
                         validation_fraction=t.validation_fraction,
                         holdout_projects=t.holdout_projects)
@@ -291,7 +319,8 @@ def load_ranker_data(settings: Settings, store: StateStore, vectors: VectorSourc
     gids: list[str] = []
     unit_groups: list[GroupImages] = []
     dim: int | None = None
-    for project, wanted in _candidates(store, "ranker", info).items():
+    for project, wanted in _candidates(store, "ranker", info,
+                                         skip=untrained_projects(settings)).items():
         rows = _source_rows(settings, store, project, wanted, info)
         parsed = [(r, json.loads(r[IMAGES])) for r in rows]
         names = sorted({n for _, imgs in parsed for n in imgs})
@@ -356,7 +385,8 @@ def load_crop_data(settings: Settings, store: StateStore, vectors: VectorSource
     gids: list[str] = []
     unit_groups: list[GroupImages] = []
     dim: int | None = None
-    for project, wanted in _candidates(store, "crop", info).items():
+    for project, wanted in _candidates(store, "crop", info,
+                                         skip=untrained_projects(settings)).items():
         rows = _source_rows(settings, store, project, wanted, info)
         picked: list[tuple[Row, list[str], str, tuple[float, float, float, float]]] = []
         for row in rows:

@@ -43,8 +43,11 @@ class GateResult:
 
 
 def judge(report: Mapping[str, Any], coverage: Mapping[str, Mapping[str, int]], *,
-          max_error_share: float, min_coverage: float) -> dict[str, dict[str, Any]]:
-    """Per project: the figures and the failed checks (pure: tested with tables)."""
+          max_error_share: float, min_coverage: float,
+          untrained: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Per project: the figures and the failed checks (pure: tested with tables).  Projects in
+    ``untrained`` (``train = false``) are listed with their figures but never fail the gate:
+    none of their rows reaches training."""
     invalid: dict[str, int] = {}
     for r in report.get("invalid_rows", []):
         invalid[r["project"]] = invalid.get(r["project"], 0) + 1
@@ -57,11 +60,13 @@ def judge(report: Mapping[str, Any], coverage: Mapping[str, Mapping[str, int]], 
         usable, embedded = int(cov.get("rows", 0)), int(cov.get("embedded", 0))
         share = bad / rows if rows else None
         covered = embedded / usable if usable else None
-        failures = []
-        if share is not None and share > max_error_share:
+        failures: list[str] = []
+        if name in untrained:
+            pass  # validation-only: reported, never trained on, so never a reason to refuse
+        elif share is not None and share > max_error_share:
             failures.append(f"{bad} of {rows} rows ({share:.1%}) fail must-pass checks, above "
                             f"training.gate_max_error_share {max_error_share:.0%}")
-        if covered is not None and covered < min_coverage:
+        if name not in untrained and covered is not None and covered < min_coverage:
             failures.append(f"only {embedded} of {usable} usable rows ({covered:.1%}) have every "
                             f"image embedded, below training.gate_min_coverage "
                             f"{min_coverage:.0%}")
@@ -69,7 +74,7 @@ def judge(report: Mapping[str, Any], coverage: Mapping[str, Mapping[str, int]], 
                      "error_share": None if share is None else round(share, 4),
                      "usable_rows": usable, "embedded_rows": embedded,
                      "coverage": None if covered is None else round(covered, 4),
-                     "failures": failures}
+                     "trained": name not in untrained, "failures": failures}
     return out
 
 
@@ -87,8 +92,10 @@ def data_gate(settings: Settings, store: StateStore, now: datetime, *,
                               busy_timeout_ms=s.busy_timeout_ms,
                               busy_budget_seconds=s.busy_retry_seconds,
                               units=units.report_rows() if units is not None else [])
+    from daemon.training.dataset import untrained_projects
+
     projects = judge(report, coverage, max_error_share=t.gate_max_error_share,
-                     min_coverage=t.gate_min_coverage)
+                     min_coverage=t.gate_min_coverage, untrained=untrained_projects(settings))
     failed = {p: g["failures"] for p, g in projects.items() if g["failures"]}
     report["gate"] = {"kind": kind, "passed": not failed, "projects": projects,
                       "max_error_share": t.gate_max_error_share,
