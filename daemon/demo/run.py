@@ -82,9 +82,7 @@ pretrained = "none"     # random init: a demo, never for real use
 batch_size = 16
 
 [training]
-# demo scale: a few dozen groups split three ways by leak-proof unit (promotion needs
-# training.min_test_groups = 100 test groups, so the demo shows a model trained, evaluated
-# against the baselines, and honestly not promoted)
+# demo scale: a few dozen groups in three sides; promotion needs 100 test groups (not here)
 min_new_labels = 20
 holdout_fraction = 0.3
 validation_fraction = 0.2
@@ -96,8 +94,7 @@ crop_epochs = 10
 [projects.studio]
 image_roots = ["photos"]
 
-# the legacy DB has planted faults and no images: validated and reported, never trained on
-[projects.legacy]
+[projects.legacy]  # planted faults, no images: validated and reported, never trained on
 train = false
 """
 

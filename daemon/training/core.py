@@ -39,8 +39,7 @@ from daemon.training.dataset import CropData, DatasetInfo, RankerData, is_random
 log = structlog.get_logger("training")
 Kind = Literal["ranker", "crop"]
 Progress = Callable[[dict[str, Any]], None]
-REVIEWER_DIM = 512
-REVIEWER_CROP_FEATURES = 514
+REVIEWER_DIM, REVIEWER_CROP_FEATURES = 512, 514  # inputs of the reviewer's scorer / crop net
 
 
 @dataclass(frozen=True)
