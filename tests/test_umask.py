@@ -41,7 +41,9 @@ s = load_settings(Path(sys.argv[1]))
 meta = {"kind": "ranker", "version": 1, "file": "ranker_v1.pt"}
 state = {"w": torch.zeros(3)}
 registry.save_model(s.models_dir, "ranker", 1, state, meta)
-registry.promote(s.models_dir, "ranker", 1, state, meta, datetime.now(UTC), reviewer_format=True)
+rmeta = {**registry.reviewer_metadata(meta), "embedder_id": "x", "embedder_random": False}
+registry.promote(s.models_dir, "ranker", 1, state, meta, datetime.now(UTC),
+                 reviewer=(state, rmeta))
 cache = VectorCache(s.cache_dir, "emb:umask")
 cache.prepare()
 sha = "c" * 64
