@@ -95,6 +95,21 @@ class TestEndToEnd:
                        timeout=60, what="30 rows validated and every crop joined")
             wait_until(lambda: (home / "data" / "triggers" / "done" / "inspect").exists(),
                        what="inspect trigger done")
+            crops = sum(1 for line in (home / "commits.jsonl").read_text().splitlines()
+                        if json.loads(line)["event"] == "crop_update")
+
+            def cropped_sidecars() -> int:
+                store = state(home)
+                try:
+                    return sum(1 for r in store.conn.execute(
+                        "SELECT folder_role FROM sidecars WHERE gone_at IS NULL AND kind = 'A'")
+                        if r[0] == "cropped")
+                finally:
+                    store.close()
+
+            # sidecar events settle before they are recorded: wait for them, not a fixed time
+            wait_until(lambda: cropped_sidecars() == crops, timeout=30,
+                       what=f"{crops} cropped sidecars recorded")
             store = state(home)
             codes = store.issue_codes("mojo3")
             sidecar_roles = Counter(r[0] for r in store.conn.execute(
