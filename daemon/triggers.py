@@ -6,7 +6,7 @@ and the resulting task runs in the worker.  Afterwards the file moves to ``done/
 with ``<name>.result.json`` beside it.  Nothing in a trigger is ever executed as code or shell:
 arguments are data.
 
-The triggers folder is an input anyone with write access can fill, and the only worker claims
+The triggers folder is an input anyone with write access can fill, and the fast lane claims
 from it, so this room must never raise and never block:
 
 - only exact names are actions (``retrain`` or ``retrain.json``; ``retrain.json.orig`` is not);
