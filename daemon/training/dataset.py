@@ -104,10 +104,7 @@ class RankerData:
 
     def on(self, side: int) -> np.ndarray:
         """The mask of groups on ``side`` (TRAIN, VALIDATION, TEST)."""
-        if self.side is None:
-            return self.holdout if side == TEST else (~self.holdout if side == TRAIN
-                                                      else np.zeros(self.groups, dtype=bool))
-        return np.asarray(self.side == side)
+        return side_mask(self.side, self.holdout, side)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -150,10 +147,7 @@ class CropData:
 
     def on(self, side: int) -> np.ndarray:
         """The mask of crops on ``side`` (TRAIN, VALIDATION, TEST)."""
-        if self.side is None:
-            return self.holdout if side == TEST else (~self.holdout if side == TRAIN
-                                                      else np.zeros(self.size, dtype=bool))
-        return np.asarray(self.side == side)
+        return side_mask(self.side, self.holdout, side)
 
     def subset(self, mask: np.ndarray) -> CropData:
         idx = np.flatnonzero(mask)
@@ -167,6 +161,15 @@ def is_backfilled(row: Row) -> bool:
     """Rows written by ``trainingd backfill``: a legacy group id and no source folder."""
     gid = row[GROUP_ID]
     return isinstance(gid, str) and "_legacy_" in gid and row[DIRECTORY] is None
+
+
+def side_mask(sides: np.ndarray | None, holdout: np.ndarray, side: int) -> np.ndarray:
+    """Examples on ``side``; without side codes (in-memory callers) the holdout is the test
+    side, the rest is train, and the validation side is empty."""
+    if sides is None:
+        return holdout if side == TEST else (~holdout if side == TRAIN
+                                             else np.zeros(len(holdout), dtype=bool))
+    return np.asarray(sides == side)
 
 
 def untrained_projects(settings: Settings) -> frozenset[str]:
