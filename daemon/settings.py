@@ -128,6 +128,13 @@ class EmbeddingSettings(_Section):
     queue_batches: int = Field(2, ge=1, le=64)  # decoded batches held ahead of the model
     max_image_pixels: int = Field(100_000_000, ge=1)  # larger: image_too_large (bomb guard)
     jpeg_draft: bool = True  # decode large JPEGs at reduced scale (DCT draft mode)
+    # -- Ray Data backend for bulk embedding (issue 14; the [ray] extra) --
+    backend: Literal["local", "ray"] = "local"  # what `trainingd embed` uses without --backend
+    #: "" (none), "local" (a cluster of this box, started per run), "auto" (the running
+    #: cluster), or "ray://HOST:PORT"; the daemon hands big backlogs to Ray only when set
+    ray_address: str = ""
+    ray_min_backlog: int = Field(10_000, ge=1)  # the daemon hands larger backlogs to Ray
+    ray_local_cpus: int = Field(0, ge=0)  # CPUs of a cluster started per run; 0: all usable
 
 
 class TrainingSettings(_Section):
@@ -250,6 +257,16 @@ class SummarySettings(_Section):
     backfill_days: int = Field(7, ge=0, le=366)
 
 
+class ReviewerSettings(_Section):
+    """The drop-in files the upstream reviewer loads (owned by ``daemon.training.dropin``)."""
+
+    models_dir: Path | None = None  # default: <data_root>/ai_data/models, where the reviewer looks
+    ranker_file: str = Field("ranker_v3_w10.pt", pattern=r"^[^/\\]+\.pt$")  # 512-input scorer
+    crop_file: str = Field("crop_proposer_v2.pt", pattern=r"^[^/\\]+\.pt$")  # 514-input crop net
+    backups_kept: int = Field(5, ge=1, le=1000)  # replaced files kept per kind (rollback depth)
+    export: bool = True  # false: a promoted champion never replaces the reviewer's files
+
+
 class ProjectSettings(_Section):
     """``[projects.<name>]``: optional per project; DBs found in the decisions folder are
     validated without one."""
@@ -280,6 +297,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     metrics: MetricsSettings = MetricsSettings()
     summary: SummarySettings = SummarySettings()
+    reviewer: ReviewerSettings = ReviewerSettings()
     projects: dict[str, ProjectSettings] = Field(default_factory=dict)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -341,6 +359,11 @@ class Settings(BaseSettings):
         return self.resolve(p) if p else self.data_root / "ai_data" / "models"
 
     @property
+    def reviewer_dir(self) -> Path:
+        p = self.reviewer.models_dir
+        return self.resolve(p) if p else self.data_root / "ai_data" / "models"
+
+    @property
     def triggers_dir(self) -> Path:
         p = self.paths.triggers_dir
         return self.resolve(p) if p else self.data_root / "triggers"
@@ -357,7 +380,9 @@ class Settings(BaseSettings):
             "data_root": root.resolve(), "decisions_dir": None, "state_db": None,
             "summaries_dir": None, "cache_dir": None, "models_dir": None, "triggers_dir": None,
         })
-        new = self.model_copy(update={"paths": paths})
+        # the demo must never write into a real reviewer's folder
+        reviewer = self.reviewer.model_copy(update={"models_dir": None})
+        new = self.model_copy(update={"paths": paths, "reviewer": reviewer})
         new._base_dir, new._config_file = self._base_dir, self._config_file
         return new
 
