@@ -511,10 +511,7 @@ class Service:
         store's transaction lock, so the other lane's transaction in flight is never the one
         rolled back."""
         try:
-            with self.store._lock:
-                conn = self.store.conn
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            self.store.end_open_transaction()
         except Exception as exc:
             log.warning("worker.rollback_failed", reason=_reason(exc))
 

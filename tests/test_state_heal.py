@@ -272,7 +272,7 @@ class TestStoreHealing:
             db.unlink()
             assert store.check_file() == "deleted"
             result = store.heal("deleted")
-            assert not result["adopted"] and store.check_file() is None
+            assert not result.adopted and store.check_file() is None
             assert store.get_meta("k") is None
             with store.transaction():
                 store.set_meta("k", "new")
