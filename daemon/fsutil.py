@@ -16,9 +16,10 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,17 +76,39 @@ def atomic_writer(path: Path, mode: str = "wb", *, sync_dir: bool = True) -> Ite
 def remove_abandoned_temps(folder: Path) -> int:
     """Delete the temp files of :func:`atomic_writer` in ``folder`` that no live writer holds
     (left by a process killed mid-write); returns how many.  A live writer's are kept."""
+    return remove_unheld(folder.glob(".*.tmp") if folder.is_dir() else ())
+
+
+def hold(path: Path) -> int:
+    """An fd holding an exclusive ``flock`` on ``path`` for as long as it stays open.  The
+    kernel drops the lock when the process ends, however it ends: an unheld temp file or
+    scratch folder was abandoned (see :func:`remove_unheld`)."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_unheld(paths: Iterable[Path], *, extra: tuple[str, ...] = ()) -> int:
+    """Delete each path (a folder with what it holds; a file with ``path + suffix`` for each of
+    ``extra``) whose ``flock`` no live process holds: what a process killed mid-write left.
+    Returns how many were removed; a held one (a live writer's) is kept."""
     removed = 0
-    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+    for path in paths:
         try:
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(tmp)  # while holding the lock: no writer can have taken it meanwhile
+            # deleted while we hold the lock: no live writer can have taken it meanwhile
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for p in (path, *(Path(f"{path}{suffix}") for suffix in extra)):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
             removed += 1
-        except OSError:  # locked by a live writer, or gone already
+        except OSError:  # held by a live writer, or gone already
             pass
         finally:
             os.close(fd)

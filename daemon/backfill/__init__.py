@@ -1,15 +1,16 @@
 """Backfill: turn the legacy CSV logs into NEW v3 decision DBs, with an inspection report first.
 
-Three rooms: :mod:`.convert` (pure: one CSV line -> one row or one rejection), :mod:`.run`
-(streaming I/O, cross-line state, the new DBs) and :mod:`.report` (the inspection report).
+Rooms: :mod:`.convert` (pure: one CSV line -> one row or one rejection, with :mod:`.projects`
+for the path and project rules), :mod:`.options` (what is asked, what was found), :mod:`.run`
+(streaming, cross-line state) over :mod:`.inputs` (CSV and image files) and :mod:`.output` (the
+new DBs), and :mod:`.report` (the inspection report).
 It never modifies an input CSV or an existing file.
 """
 
 from __future__ import annotations
 
 from daemon.backfill.convert import ConvertContext, Window, parse_window
-from daemon.backfill.report import write_report
-from daemon.backfill.run import (
+from daemon.backfill.options import (
     BackfillError,
     BackfillOptions,
     BackfillOutcome,
@@ -17,8 +18,9 @@ from daemon.backfill.run import (
     OutputPathError,
     TargetExistsError,
     check_output_path,
-    run_backfill,
 )
+from daemon.backfill.report import write_report
+from daemon.backfill.run import run_backfill
 
 __all__ = [
     "BackfillError",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from daemon import __version__
-from daemon.backfill.run import BackfillOptions, BackfillOutcome, LineIssue
+from daemon.backfill.options import BackfillOptions, BackfillOutcome, LineIssue
 from daemon.fsutil import atomic_writer
 from daemon.timeparse import iso_utc, utc_stamp
 

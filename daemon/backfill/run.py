@@ -10,332 +10,71 @@ Inputs are hostile: a CSV path may name a FIFO or a folder, a line may hold anyt
 may be a decompression bomb.  Each of these becomes an issue line and the run goes on; only an
 output problem (a target that exists, lies outside the data root or inside a folder we must
 never write to, or cannot be written) stops it, before anything is placed.
+
+This room holds the run itself (cross-line state, one line at a time); its neighbours hold the
+options and outcome (:mod:`.options`), the input side (:mod:`.inputs`) and the new DBs
+(:mod:`.output`).  Their public names are re-exported here for older importers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import fcntl
-import io
 import os
-import re
-import shutil
 import sqlite3
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import structlog
-from PIL import Image, UnidentifiedImageError
 
 from daemon.backfill.convert import (
     ConvertContext,
     Converted,
     CsvLayout,
-    ImageProblem,
     Note,
-    ProjectFrom,
     Rejected,
-    Window,
     convert_line,
     detect_layout,
 )
+from daemon.backfill.inputs import (
+    SURROGATE,
+    ImageSizer,
+    NotReadable,
+    count_lines,
+    head,
+    open_regular,
+    read_lines,
+    safe_text,
+)
+from daemon.backfill.options import (
+    BackfillError,
+    BackfillOptions,
+    BackfillOutcome,
+    FileSummary,
+    LineIssue,
+    OutputFailedError,
+    OutputPathError,
+    TargetExistsError,
+    check_output_path,
+    target_for,
+)
+from daemon.backfill.output import COMMIT_EVERY, DbWriter
 from daemon.codes import SEVERITY
-from daemon.decisions.schema import COLUMNS, INSERT_SQL, create_v3_db
-from daemon.errors import DaemonError
-from daemon.files import NotRegularFileError, is_image_name, sha256_stream
-from daemon.files import open_regular as open_fd
-from daemon.fsutil import file_mode, fsync_dir
+from daemon.decisions.schema import COLUMNS
+from daemon.files import sha256_stream
+from daemon.fsutil import hold, remove_unheld
+
+__all__ = [
+    "BackfillError", "BackfillOptions", "BackfillOutcome", "FileSummary", "ImageSizer",
+    "LineIssue", "OutputFailedError", "OutputPathError", "TargetExistsError", "check_inputs",
+    "check_output_path", "count_lines", "run_backfill", "target_for",
+]
 
 log = structlog.get_logger("backfill")
 
-COMMIT_EVERY = 5000
 SCRATCH_PREFIX = "trainingd-backfill-"
-
-
-class BackfillError(DaemonError):
-    """The backfill cannot run as asked (bad arguments, unreadable CSV); nothing was written."""
-
-
-class OutputPathError(BackfillError):
-    """An output path lies outside the data root, or inside an image root or the decisions
-    folder (after resolving symlinks); nothing was written."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"refusing to write {path}: {reason}")
-        self.path = path
-
-
-class OutputFailedError(BackfillError):
-    """Writing an output DB failed (disk full, read-only folder); nothing was placed."""
-
-
-class TargetExistsError(BackfillError):
-    """A DB the backfill would create already exists; nothing was written or changed."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"refusing to overwrite existing file {path}: backfill only creates "
-                         "new DBs; move it away or choose another --out")
-        self.path = path
-
-
-@dataclass(frozen=True, slots=True)
-class BackfillOptions:
-    """What to convert and where outputs may go.
-
-    ``out_dir`` holds the default targets (``<out_dir>/<project>.db``).  When ``data_root`` is
-    set, every output must resolve inside it; outputs never resolve inside ``forbidden_dirs``
-    (the live decisions folder) or any image root (``image_roots``, ``project_image_roots``).
-    """
-
-    csv_paths: tuple[Path, ...]
-    out_dir: Path
-    execute: bool = False
-    project: str | None = None
-    project_from: ProjectFrom = "folder"
-    windows: tuple[Window, ...] = ()
-    image_roots: tuple[Path, ...] = ()
-    project_image_roots: dict[str, tuple[Path, ...]] = field(default_factory=dict)
-    out: Path | None = None
-    full_frame_tolerance: float = 0.001
-    first_rows: int = 50
-    data_root: Path | None = None
-    forbidden_dirs: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LineIssue:
-    """A rejection (error) or a conversion note (warning) for one CSV line."""
-
-    file: str
-    line: int
-    project: str | None
-    code: str
-    severity: str
-    field: str | None
-    value_repr: str
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "project": self.project,
-                "code": self.code, "severity": self.severity, "field": self.field,
-                "value_repr": self.value_repr, "message": self.message}
-
-
-@dataclass
-class FileSummary:
-    file: str
-    format: str | None
-    sha256: str = ""
-    lines: int = 0
-    converted: int = 0
-    rejected: int = 0
-    blank_lines: int = 0
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class BackfillOutcome:
-    """Everything the report needs; the issue lists stay in the scratch DB (see ``issues``)."""
-
-    files: list[FileSummary] = field(default_factory=list)
-    first_rows: list[dict[str, str]] = field(default_factory=list)
-    by_action: Counter[str] = field(default_factory=Counter)
-    by_project: Counter[str] = field(default_factory=Counter)
-    by_project_action: dict[str, Counter[str]] = field(default_factory=dict)
-    by_code: Counter[str] = field(default_factory=Counter)
-    targets: dict[str, Path] = field(default_factory=dict)
-    existing_targets: list[Path] = field(default_factory=list)
-    created: list[Path] = field(default_factory=list)
-    scratch: sqlite3.Connection | None = None
-
-    @property
-    def converted(self) -> int:
-        return sum(f.converted for f in self.files)
-
-    @property
-    def rejected(self) -> int:
-        return sum(f.rejected for f in self.files)
-
-    def issues(self, severity: str, limit: int | None = None) -> Iterator[LineIssue]:
-        if self.scratch is None:
-            return
-        sql = ("SELECT file, line, project, code, severity, field, value_repr, message "
-               "FROM issues WHERE severity = ? ORDER BY seq")
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        for row in self.scratch.execute(sql, (severity,)):
-            yield LineIssue(*row)
-
-
-# -- image sizes ----------------------------------------------------------------------------------
-
-
-class ImageSizer:
-    """Looks image sizes up under the image roots; the name index is built on first use."""
-
-    def __init__(self, roots: tuple[Path, ...],
-                 project_roots: dict[str, tuple[Path, ...]] | None = None) -> None:
-        self.roots = roots
-        self.project_roots = project_roots or {}
-        self._index: dict[Path, dict[str, Path]] = {}
-
-    def _names(self, root: Path) -> dict[str, Path]:
-        found = self._index.get(root)
-        if found is None:
-            found = {}
-            for folder, dirs, files in os.walk(root):
-                dirs.sort()  # first match in a sorted walk: deterministic
-                for name in sorted(files):
-                    if is_image_name(name):
-                        found.setdefault(name, Path(folder) / name)
-            self._index[root] = found
-        return found
-
-    def __call__(self, project: str, name: str) -> tuple[int, int] | ImageProblem | None:
-        """The first readable size in root order; else the first problem met; else None."""
-        problem: ImageProblem | None = None
-        for root in (*self.roots, *self.project_roots.get(project, ())):
-            path = self._names(root).get(name)
-            if path is None:
-                continue
-            try:
-                # a FIFO named like an image must not hang the backfill: regular files only,
-                # and a symlink planted in an image root is not followed
-                with open_regular(path, follow_links=False) as fh, Image.open(fh) as img:
-                    width, height = img.size
-            except Image.DecompressionBombError as exc:
-                problem = problem or ImageProblem(str(path), (
-                    f"it is larger than Pillow's decompression-bomb limit ({exc}); it was not "
-                    "decoded. Give the size in a copy of the CSV, or check the file"))
-                continue
-            except NotReadable as exc:
-                problem = problem or ImageProblem(str(path), str(exc))
-                continue
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
-                problem = problem or ImageProblem(str(path), f"{type(exc).__name__}: {exc}")
-                continue
-            except Exception as exc:  # one odd image file never stops the backfill
-                problem = problem or ImageProblem(str(path), f"{type(exc).__name__}: {exc}")
-                continue
-            if width > 0 and height > 0:
-                return int(width), int(height)
-        return problem
-
-
-# -- output DBs -----------------------------------------------------------------------------------
-
-
-def _hold(path: Path) -> int:
-    """Take an exclusive ``flock`` on ``path`` for the life of this run.  The kernel drops it
-    when the process ends, however it ends: a temp file whose lock is free was abandoned."""
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def remove_abandoned(paths: Iterator[Path], *, extra: tuple[str, ...] = ()) -> int:
-    """Delete each path (and ``path + suffix`` for each of ``extra``) that no live run holds:
-    what a backfill killed with SIGKILL left behind.  Returns how many were removed."""
-    removed = 0
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: a live run's
-            os.close(fd)
-            continue
-        try:  # deleted while we hold the lock, so no new run can have taken it meanwhile
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                for p in (path, *(Path(f"{path}{suffix}") for suffix in extra)):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-            removed += 1
-        finally:
-            os.close(fd)
-    if removed:
-        log.info("backfill.abandoned_temps_removed", count=removed)
-    return removed
-
-
-class _DbWriter:
-    """One project's new DB, built under a temp name beside the target."""
-
-    def __init__(self, target: Path, check: Callable[[Path], None] | None = None) -> None:
-        self.check = check
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(target.parent.glob(f".{target.name}.*.tmp"), extra=("-journal",))
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        self.lock_fd = _hold(Path(tmp))
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the umask decides, as for open()
-        self.target, self.tmp = target, Path(tmp)
-        self.rows = 0
-        self.conn = create_v3_db(self.tmp, wal=False)
-        # the file is fsynced once before it is linked into place; a crash leaves only the temp
-        self.conn.execute("PRAGMA synchronous=OFF")
-        self.conn.execute("BEGIN")
-
-    def add(self, row: tuple[Any, ...]) -> None:
-        self.conn.execute(INSERT_SQL, row)
-        self.rows += 1
-        if self.rows % COMMIT_EVERY == 0:
-            self.conn.execute("COMMIT")
-            self.conn.execute("BEGIN")
-
-    def finish(self) -> None:
-        self.conn.execute("COMMIT")
-        self.conn.close()
-        with open(self.tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-
-    def discard(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self.conn.close()
-        for path in (self.tmp, Path(f"{self.tmp}-journal")):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        self._release()
-
-    def _release(self) -> None:
-        if self.lock_fd >= 0:  # once: the number may belong to another file afterwards
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-
-    def place(self) -> None:
-        """Put the finished DB under its target name without ever replacing a file there."""
-        if self.check is not None:
-            self.check(self.target)  # again: a folder may have been swapped for a link
-        try:
-            os.link(self.tmp, self.target)  # fails if the target appeared meanwhile
-        except FileExistsError:
-            raise TargetExistsError(self.target) from None
-        except OSError:
-            # no hard links on this file system: check, then rename
-            if self.target.exists():
-                raise TargetExistsError(self.target) from None
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink()
-        self._release()
-        fsync_dir(self.target.parent)
-
-
-# -- the run --------------------------------------------------------------------------------------
-
 
 _SCRATCH_DDL = """
 CREATE TABLE seen (project TEXT, name TEXT, file TEXT, line INTEGER,
@@ -345,85 +84,6 @@ CREATE TABLE issues (seq INTEGER PRIMARY KEY, file TEXT, line INTEGER, project T
                      severity TEXT, field TEXT, value_repr TEXT, message TEXT);
 CREATE INDEX issues_severity ON issues(severity, seq);
 """
-
-
-class NotReadable(Exception):
-    """A path that is not a regular readable file; the message says what it is instead."""
-
-
-def open_regular(path: Path, *, follow_links: bool = True) -> BinaryIO:
-    """``path`` open for reading through :func:`daemon.files.open_regular` (never a FIFO or a
-    device), with the reason as a :class:`NotReadable`.  A CSV may be a link (the operator
-    named it); an image found in an image root may not (``follow_links=False``)."""
-    try:
-        return os.fdopen(open_fd(path, follow_links=follow_links), "rb")
-    except NotRegularFileError as exc:
-        raise NotReadable(f"it is {exc.what}, not a regular file") from None
-    except OSError as exc:
-        raise NotReadable(f"cannot open it: {exc.strerror or exc}") from None
-
-
-def target_for(opts: BackfillOptions, project: str) -> Path:
-    """``--out``, else ``<out_dir>/<project>.db`` (the CLI's ``out_dir`` is
-    ``<data_root>/backfill``: never the live decisions folder, which belongs to the reviewer)."""
-    return opts.out if opts.out is not None else opts.out_dir / f"{project}.db"
-
-
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def _text(value: str) -> str:
-    """``value`` storable as UTF-8: bytes a file name or line held that are not UTF-8 (lone
-    surrogates) are written as ``\\udcXX`` instead of raising in SQLite or the report."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _head(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_output_path(opts: BackfillOptions, path: Path) -> None:
-    """Refuse (:class:`OutputPathError`) an output that, with every symlink resolved, lies
-    outside the data root, or inside the decisions folder or an image root."""
-    real = os.path.realpath(path)
-    if opts.data_root is not None:
-        root = os.path.realpath(opts.data_root)
-        if not _within(real, root) or real == root:
-            raise OutputPathError(path, f"it resolves to {real}, outside the data root {root}; "
-                                        "backfill writes only inside the data root")
-    forbidden = [(d, "the decisions folder (the reviewer's, read-only to trainingd): write "
-                     "elsewhere, check the DB, then move it there as the reviewer's user")
-                 for d in opts.forbidden_dirs]
-    roots = {*opts.image_roots, *(r for rs in opts.project_image_roots.values() for r in rs)}
-    forbidden += [(r, "an image root (the upstream's folder)") for r in sorted(roots)]
-    for folder, what in forbidden:
-        real_folder = os.path.realpath(folder)
-        if _within(real, real_folder):
-            raise OutputPathError(path, f"it resolves to {real}, inside {real_folder}, {what}")
-
-
-def _read_lines(raw: BinaryIO) -> Iterator[tuple[int, list[str] | None, str | None]]:
-    """``(first line number, fields, csv error)`` per record; the header is line 1.  Bytes
-    that are not UTF-8 arrive as lone surrogates (``surrogateescape``), never an exception:
-    the caller rejects such a line rather than store a name changed to fit."""
-    with io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        reader = csv.reader(fh)
-        previous = 0
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield previous + 1, None, str(exc)
-                previous = reader.line_num
-                continue
-            yield previous + 1, fields, None
-            previous = reader.line_num
 
 
 class _Run:
@@ -443,7 +103,7 @@ class _Run:
         self.scratch.execute("BEGIN")
         self.out.scratch = self.scratch
         self.pending = 0
-        self.writers: dict[str, _DbWriter] = {}
+        self.writers: dict[str, DbWriter] = {}
         self.layout: CsvLayout | None = None  # of the file being read, once its header is
         sizer = ImageSizer(opts.image_roots, opts.project_image_roots)
         self.ctx = ConvertContext(
@@ -456,8 +116,8 @@ class _Run:
         self.scratch.execute(
             "INSERT INTO issues (file, line, project, code, severity, field, value_repr, message)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (_text(file), line, project, note.code, severity, note.field,
-             _text(note.value_repr), _text(note.message)))
+            (safe_text(file), line, project, note.code, severity, note.field,
+             safe_text(note.value_repr), safe_text(note.message)))
         self.out.by_code[note.code] += 1
         self._tick()
 
@@ -482,7 +142,7 @@ class _Run:
             if self.opts.execute:
                 raise TargetExistsError(target)
         if self.opts.execute:
-            self.writers[project] = _DbWriter(
+            self.writers[project] = DbWriter(
                 target, check=lambda path: check_output_path(self.opts, path))
 
     def _accept(self, file: str, line: int, conv: Converted) -> bool:
@@ -525,7 +185,7 @@ class _Run:
 
     def read_file(self, path: Path) -> None:
         started = time.perf_counter()
-        name = _text(str(path))
+        name = safe_text(str(path))
         summary = FileSummary(file=name, format=None)
         self.out.files.append(summary)
         self.layout = None
@@ -537,7 +197,7 @@ class _Run:
         line = 0
         try:
             summary.sha256 = sha256_stream(raw)
-            for line, fields, error in _read_lines(raw):
+            for line, fields, error in read_lines(raw):
                 if self.progress is not None:
                     self.progress(self.lines_before + line, self.lines_total)
                 if not self._read_line(summary, line, fields, error):
@@ -591,9 +251,9 @@ class _Run:
                                                f"{error}"))
             summary.rejected += 1
             return True
-        if any(_SURROGATE.search(f) for f in fields):
+        if any(SURROGATE.search(f) for f in fields):
             self._issue(name, line, None, Note(
-                "backfill_csv_malformed", None, _head(repr(fields)),
+                "backfill_csv_malformed", None, head(repr(fields)),
                 "the line is not valid UTF-8 (the bytes shown as \\udcXX); it is not stored "
                 "with changed names: re-encode the CSV as UTF-8 and backfill the copy"))
             summary.rejected += 1
@@ -603,8 +263,8 @@ class _Run:
         except Exception as exc:  # a bug, not the data's fault: still one line, not the run
             log.exception("backfill.line_failed", file=name, line=line)
             outcome = Rejected(Note(
-                "backfill_line_failed", None, _head(repr(fields)),
-                f"converting the line raised {type(exc).__name__}: {_head(str(exc))}; the "
+                "backfill_line_failed", None, head(repr(fields)),
+                f"converting the line raised {type(exc).__name__}: {head(str(exc))}; the "
                 "line is skipped, the others go on (report this with the log event "
                 "backfill.line_failed)"))
         if isinstance(outcome, Converted):
@@ -661,24 +321,6 @@ def check_inputs(opts: BackfillOptions) -> None:
         raise TargetExistsError(opts.out)
 
 
-def count_lines(path: Path) -> int:
-    """Physical lines of a CSV, for a progress total (0 for anything that is not a readable
-    regular file: that input becomes an issue line when it is read)."""
-    try:
-        raw = open_regular(path)
-    except NotReadable:
-        return 0
-    lines, last = 0, b"\n"
-    try:
-        with raw:
-            for chunk in iter(lambda: raw.read(1 << 20), b""):
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
-    except OSError:
-        return lines
-    return lines + (last != b"\n")
-
-
 @contextlib.contextmanager
 def run_backfill(opts: BackfillOptions, *, progress: Callable[[int, int], None] | None = None
                  ) -> Iterator[BackfillOutcome]:
@@ -687,9 +329,11 @@ def run_backfill(opts: BackfillOptions, *, progress: Callable[[int, int], None] 
     ``progress(done, total)`` is called per line read, in physical lines of all inputs."""
     check_inputs(opts)
     scratch_root = Path(tempfile.gettempdir())
-    remove_abandoned(scratch_root.glob(f"{SCRATCH_PREFIX}*"))
+    removed = remove_unheld(scratch_root.glob(f"{SCRATCH_PREFIX}*"))
+    if removed:
+        log.info("backfill.abandoned_temps_removed", count=removed)
     with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch_dir:
-        lock_fd = _hold(Path(scratch_dir))  # a run killed with SIGKILL leaves it unlocked
+        lock_fd = hold(Path(scratch_dir))  # a run killed with SIGKILL leaves it unlocked
         try:
             run = _Run(opts, Path(scratch_dir), progress)
             try:
