@@ -106,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     add_embed_parser(sub, common)
     add_train_parser(sub, common)
     add_summary_parser(sub, common)
+    from daemon.models_cli import add_models_parser
+
+    add_models_parser(sub, common)
+    from daemon.export.cli import add_export_parser
+
+    add_export_parser(sub, common)
+    from daemon.predict.cli import add_predict_parser
+
+    add_predict_parser(sub, common)
 
     p = sub.add_parser("codes", parents=[common], help="print the table of issue codes")
     p.add_argument("--json", action="store_true")
@@ -125,9 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.log_format or settings.logging.format,
                       stream=sys.stdout if args.command == "run" else sys.stderr)
     handler = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect,
-               "status": cmd_status,
+               "status": cmd_status, "models": cmd_models,
                "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill,
-               "embed": cmd_embed, "train": cmd_train, "summary": cmd_summary}[args.command]
+               "embed": cmd_embed, "train": cmd_train, "summary": cmd_summary,
+               "export": cmd_export,
+               "predict": cmd_predict}[args.command]
     try:
         return handler(args, settings)
     except BrokenPipeError:  # `trainingd validate | head`: the reader left; not an error
@@ -322,6 +333,24 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.summary.cli import cmd_summary as run
+
+    return run(args, settings)
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.predict.cli import cmd_predict as run
+
+    return run(args, settings)
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.export.cli import cmd_export as run
+
+    return run(args, settings)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.models_cli import cmd_models as run
 
     return run(args, settings)
 

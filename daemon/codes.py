@@ -321,6 +321,13 @@ _CODES: tuple[Code, ...] = (
          "A path with an image name in an image root is not a regular file (a FIFO, socket, "
          "device or symbolic link); trainingd opens only regular files there.",
          "Replace it with the image file or remove it; it is looked at again when it changes."),
+    # -- predictions for new groups (daemon/predict) --
+    Code("prediction_image_missing", "warning", "predict",
+         "An image of a group waiting for review has no vector (its embedding failed, or it is "
+         "not embedded yet), so the group's prediction covers the other images only; with no "
+         "vector at all the group gets no prediction.",
+         "Fix or restore the image (the embedding issue on the same file says what is wrong); "
+         "the group is predicted again when the image's bytes change."),
 )
 
 CODES: dict[str, Code] = {c.code: c for c in _CODES}

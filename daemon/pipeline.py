@@ -92,6 +92,7 @@ class Pipeline:
             TaskKind.SUMMARY: self._do_summary, TaskKind.INSPECT: self._do_inspect,
             TaskKind.BACKFILL: self._do_backfill, TaskKind.RECONCILE: self._do_reconcile,
             TaskKind.PAUSE: self._do_pause, TaskKind.RESUME: self._do_resume,
+            TaskKind.PREDICT: self._do_predict,
         }
 
     # -- what the heartbeat reads (main thread) ---------------------------------------------------
@@ -264,7 +265,15 @@ class Pipeline:
         with self._recent_lock:
             self._recent.clear()
         self._record_image_issues(result.issues)
+        self.put(Task(TaskKind.PREDICT, task.project))  # settled images: predict their groups
         return result
+
+    def _do_predict(self, task: Task, should_stop: ShouldStop) -> TaskResult:
+        from daemon.predict.run import predict_task
+
+        return predict_task(self.settings, self.store, task.project, self.clock(),
+                            bulk=bool(task.arg("bulk", False)), stage=self.embedding.ready_stage,
+                            beat=self.progress.beat, should_stop=should_stop)
 
     def _record_image_issues(self, issues: Any) -> None:
         """Bad images become issue records beside bad rows and sidecars (keyed by path), and

@@ -41,6 +41,7 @@ class TaskKind(enum.StrEnum):
     AUDIT = "audit"
     SUMMARY = "summary"
     BACKFILL = "backfill"
+    PREDICT = "predict"
 
 
 class Lane(enum.StrEnum):
@@ -58,6 +59,7 @@ LANE_OF: Mapping[TaskKind, Lane] = {
     TaskKind.TRIGGERS: Lane.FAST, TaskKind.PAUSE: Lane.FAST, TaskKind.RESUME: Lane.FAST,
     TaskKind.EMBED: Lane.HEAVY, TaskKind.RETRAIN: Lane.HEAVY, TaskKind.RETRAIN_CHECK: Lane.HEAVY,
     TaskKind.AUDIT: Lane.HEAVY, TaskKind.SUMMARY: Lane.HEAVY, TaskKind.BACKFILL: Lane.HEAVY,
+    TaskKind.PREDICT: Lane.HEAVY,
 }
 #: run even while paused (they are how a pause is made and ended, and how triggers arrive)
 CONTROL_KINDS = frozenset({TaskKind.PAUSE, TaskKind.RESUME, TaskKind.TRIGGERS})

@@ -62,6 +62,7 @@ ACTIONS: dict[str, dict[str, tuple[type, bool]]] = {
                  "execute": (bool, False)},
     "pause": {},
     "resume": {},
+    "predict": {"project": (str, False), "bulk": (bool, False)},
 }
 MODELS = ("ranker", "crop")
 #: action -> the kind of task it becomes (one place: tests/test_lanes.py checks every action)
@@ -69,6 +70,7 @@ TASK_OF_ACTION: dict[str, TaskKind] = {
     "validate": TaskKind.VALIDATE, "reconcile": TaskKind.RECONCILE, "inspect": TaskKind.INSPECT,
     "summary": TaskKind.SUMMARY, "embed": TaskKind.EMBED, "retrain": TaskKind.RETRAIN,
     "backfill": TaskKind.BACKFILL, "pause": TaskKind.PAUSE, "resume": TaskKind.RESUME,
+    "predict": TaskKind.PREDICT,
 }
 #: the suffix :func:`_unique` adds when a name is taken; stripped to find the dropped name
 _UNIQUE_SUFFIX = re.compile(r"\.\d{8}T\d{12}\Z")

@@ -1,0 +1,277 @@
+"""One prediction pass over a project's images: group, embed what lacks a vector, predict,
+write.  Idempotent and resumable.
+
+Which images: by default the images waiting for review (outside the reviewer's output folders),
+grouped per folder, as the reviewer groups the folder it opens; ``bulk`` takes every image of
+the project, all folders together (the upstream's whole-project run).  A group is predicted
+again only when its content (the images' SHA-256s) or a champion version changed, and never
+once it was reviewed (its live-accuracy record would lose its meaning).  Batches of groups are
+committed one at a time, so a killed bulk run resumes where it stopped: a vector already in the
+cache costs no model call, a group already predicted costs one indexed lookup.
+
+Bad input never escapes: an image with no vector (failed, unreadable, vanished) leaves its
+group predicted over the rest plus an issue record ``prediction_image_missing``; a group with no
+vector at all is not written and gets the same issue.  No champion: nothing is written and the
+result says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from daemon.codes import CODES
+from daemon.files import DELETE_STAGING_FOLDERS
+from daemon.predict.grouping import group_sorted, sort_key, timestamp_text
+from daemon.predict.live import record_live_reviews
+from daemon.predict.store import Prediction, PredictionStore, predictions_db
+from daemon.records import ImageCandidate, Issue
+from daemon.settings import Settings
+from daemon.timeparse import iso_utc
+
+if TYPE_CHECKING:
+    from daemon.embedding.stage import EmbeddingStage
+    from daemon.store.db import StateStore
+
+log = structlog.get_logger("predict")
+
+#: where the reviewer moves images it has decided on (data contract section 2), old and new
+REVIEWED_FOLDERS = frozenset({"__selected", "__crop", "__crop_auto", "__cropped", "selected",
+                              "crop", "crop_auto", "crop_cropped", *DELETE_STAGING_FOLDERS})
+ISSUE_KEY = "#predict:"
+MISSING_CODE = "prediction_image_missing"
+BATCH_GROUPS = 2048
+
+
+@dataclass
+class PredictResult:
+    """What one pass did for one project.  ``status``: predicted, no_champion, no_groups."""
+
+    project: str
+    status: str
+    reason: str = ""
+    groups: int = 0
+    predicted: int = 0
+    unchanged: int = 0
+    reviewed_kept: int = 0
+    partial: int = 0
+    unpredictable: int = 0
+    embedded: int = 0
+    ranker_version: int | None = None
+    crop_version: int | None = None
+    db: str = ""
+    live: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    file_name: str
+    path: str
+    sha256: str | None
+    width: int | None
+    height: int | None
+    stage: float | None
+    embed_code: str | None
+
+
+def present_images(store: StateStore, project: str) -> list[ImageRow]:
+    """The project's images on disk with what the embedding stage learned of them (read only)."""
+    return [ImageRow(*r) for r in store.conn.execute(
+        "SELECT file_name, path, sha256, width, height, stage, embed_code FROM images "
+        "WHERE project = ? AND gone_at IS NULL ORDER BY path", (project,))]
+
+
+def is_reviewed(path: str) -> bool:
+    return any(part in REVIEWED_FOLDERS for part in PurePath(path).parts[:-1])
+
+
+def find_groups(images: Sequence[ImageRow], *, bulk: bool) -> list[list[ImageRow]]:
+    """Groups by the upstream rule: per folder (new images), or the whole project (bulk)."""
+    folders: dict[str, list[ImageRow]] = {}
+    for img in images:
+        if bulk or not is_reviewed(img.path):
+            folders.setdefault("" if bulk else str(PurePath(img.path).parent), []).append(img)
+    out: list[list[ImageRow]] = []
+    for key in sorted(folders):
+        rows = sorted(folders[key], key=lambda r: (*sort_key(r.file_name), r.path))
+        out.extend(group_sorted(rows, lambda r: r.file_name))
+    return out
+
+
+def group_id_of(project: str, names: Sequence[str]) -> str:
+    """``<project>_group_<first timestamp>_<names digest>``: the upstream's Phase 1A shape
+    (``<project>_group_<timestamp>_<n>``) with a digest of the names in place of a running
+    number, so the same group keeps its id however many other groups appear."""
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    return f"{project}_group_{timestamp_text(names[0]) or 'notime'}_{digest}"
+
+
+def content_key(group: Sequence[ImageRow]) -> str:
+    text = "\n".join(f"{r.file_name}\0{r.sha256 or '-'}" for r in group)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def predict_project(settings: Settings, store: StateStore, project: str, now: datetime, *,
+                    bulk: bool = False,
+                    stage: Callable[[], EmbeddingStage | None] = lambda: None,
+                    progress: Callable[[int, int], None] | None = None,
+                    beat: Callable[[str], None] = lambda _: None,
+                    batch_groups: int = BATCH_GROUPS) -> PredictResult:
+    """Predict the project's unreviewed groups with the champions (see the module doc)."""
+    from daemon.embedding.cache import VectorCache
+    from daemon.predict.scoring import NoChampion, load_champions
+    from daemon.training import registry
+
+    db = predictions_db(settings.data_root, project)
+    result = PredictResult(project, "predicted", db=str(db))
+    version = registry.champion_version(settings.models_dir, "ranker")
+    meta = registry.read_metadata(settings.models_dir, "ranker", version) if version else None
+    embedder_id = str((meta or {}).get("embedder_id") or "")
+    try:
+        champs = load_champions(settings.models_dir, embedder_id, settings.training.device)
+    except NoChampion as exc:
+        result.status, result.reason = "no_champion", str(exc)
+        log.info("predict.no_champion", project=project, reason=str(exc))
+        return _live(settings, project, db, now, result)
+    result.ranker_version, result.crop_version = champs.ranker_version, champs.crop_version
+    groups = find_groups(present_images(store, project), bulk=bulk)
+    result.groups = len(groups)
+    if not groups:
+        result.status, result.reason = "no_groups", "no image group waiting for review"
+        return _live(settings, project, db, now, result)
+    cache = VectorCache(settings.cache_dir, embedder_id)
+    with PredictionStore(db) as pstore:
+        done = 0
+        for start in range(0, len(groups), batch_groups):
+            batch = groups[start:start + batch_groups]
+            beat(f"predicting {project}: groups {start}-{start + len(batch)}")
+            batch = _embed_missing(store, project, batch, cache, stage, result)
+            _predict_batch(store, pstore, project, batch, cache, champs, now, result)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(groups))
+        beat(f"live accuracy of {project}")
+        result.live = record_live_reviews(pstore, settings.project_db(project), now)
+    log.info("predict.project_predicted", **{k: v for k, v in result.to_dict().items()
+                                              if k != "live"})
+    return result
+
+
+def _live(settings: Settings, project: str, db: Path, now: datetime, result: PredictResult
+          ) -> PredictResult:
+    """The live-accuracy pass alone (no prediction this time): reviews of earlier ones."""
+    if db.is_file():
+        with PredictionStore(db) as pstore:
+            result.live = record_live_reviews(pstore, settings.project_db(project), now)
+    return result
+
+
+def _embed_missing(store: StateStore, project: str, batch: list[list[ImageRow]],
+                   cache: Any, stage: Callable[[], EmbeddingStage | None],
+                   result: PredictResult) -> list[list[ImageRow]]:
+    """Embed (through the embedding stage, batched) the images with no cached vector; the
+    batch again with what the stage learned."""
+    lacking = [r for g in batch for r in g if r.sha256 is None or not cache.has(r.sha256)]
+    if not lacking:
+        return batch
+    emb = stage()
+    if emb is None or emb.embedder.embedder_id != cache.embedder_id:
+        return batch
+    ran = emb.run([ImageCandidate(project, r.file_name, Path(r.path), 0) for r in lacking])
+    result.embedded += ran.embedded
+    fresh = {r.path: r for r in present_images(store, project)}
+    return [[fresh.get(r.path, r) for r in g] for g in batch]
+
+
+def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
+                   batch: list[list[ImageRow]], cache: Any, champs: Any, now: datetime,
+                   result: PredictResult) -> None:
+    from daemon.predict.scoring import GroupInput, score_groups
+
+    ids = [group_id_of(project, [r.file_name for r in g]) for g in batch]
+    stored = pstore.stored(ids)
+    todo: list[tuple[str, list[ImageRow], str]] = []
+    for gid, g in zip(ids, batch, strict=True):
+        key, old = content_key(g), stored.get(gid)
+        if old is not None and old.reviewed:
+            result.reviewed_kept += 1
+        elif old is not None and (old.content_key, old.ranker_version, old.crop_version) == (
+                key, champs.ranker_version, champs.crop_version):
+            result.unchanged += 1
+        else:
+            todo.append((gid, g, key))
+    inputs = []
+    for _, g, _ in todo:
+        vecs = [cache.load(r.sha256) if r.sha256 and cache.has(r.sha256) else None for r in g]
+        inputs.append(GroupInput(vecs, [(r.width, r.height) if r.width and r.height else None
+                                        for r in g], [r.stage for r in g]))
+    scores = score_groups(champs, inputs)
+    stamp = iso_utc(now)
+    preds, issues, keys = [], [], []
+    for (gid, g, key), inp, score in zip(todo, inputs, scores, strict=True):
+        missing = tuple(r.file_name for r, v in zip(g, inp.vectors, strict=True) if v is None)
+        keys.append(ISSUE_KEY + gid)
+        if missing:
+            issues.append((ISSUE_KEY + gid, _issue(project, gid, g, missing, score is None)))
+        if score is None:
+            result.unpredictable += 1
+            continue
+        result.partial += bool(missing)
+        preds.append(Prediction(gid, project, tuple(r.file_name for r in g), score.index,
+                                score.box, round(score.confidence, 6), key,
+                                champs.ranker_version, champs.crop_version, champs.embedder_id,
+                                stamp, missing))
+    pstore.write(preds)
+    result.predicted += len(preds)
+    with store.transaction():
+        store.replace_issues(project, keys, issues, now)
+
+
+def _issue(project: str, gid: str, group: list[ImageRow], missing: tuple[str, ...],
+           nothing: bool) -> Issue:
+    codes = sorted({r.embed_code for r in group if r.file_name in missing and r.embed_code})
+    why = f" (embedding: {', '.join(codes)})" if codes else " (not embedded yet)"
+    what = ("no image of the group has a vector: nothing was predicted" if nothing
+            else "the prediction covers the other images only")
+    path = next(r.path for r in group if r.file_name in missing)
+    return Issue(code=MISSING_CODE, severity=CODES[MISSING_CODE].severity, project=project,
+                 db_file=path, group_id=gid, rowid=None, field="images",
+                 value_repr=repr(list(missing)),
+                 message=f"{len(missing)} of {len(group)} images have no vector{why}; {what}. "
+                         "Fix or restore the file; the group is predicted again when its "
+                         "bytes change.")
+
+
+@dataclass(frozen=True)
+class PredictRan:
+    """The ``predict`` task's result: one :class:`PredictResult` per project."""
+
+    projects: tuple[PredictResult, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"projects": [p.to_dict() for p in self.projects]}
+
+
+def predict_task(settings: Settings, store: StateStore, project: str | None, now: datetime, *,
+                 bulk: bool = False, stage: Callable[[], EmbeddingStage | None] = lambda: None,
+                 beat: Callable[[str], None] = lambda _: None,
+                 should_stop: Callable[[], bool] = lambda: False) -> PredictRan:
+    """Every project with image roots (or ``project``): predict, then the live pass."""
+    names = [project] if project is not None else sorted(
+        n for n, cfg in settings.projects.items() if cfg.image_roots)
+    out = []
+    for name in names:
+        if should_stop():
+            break
+        out.append(predict_project(settings, store, name, now, bulk=bulk, stage=stage,
+                                   beat=beat))
+    return PredictRan(tuple(out))
