@@ -10,117 +10,71 @@ size lookup arrives as a callable, so this room is tested with plain tables.  St
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
-from daemon.files import DELETE_STAGING_FOLDERS
+from daemon.backfill.lines import (
+    ConvertContext,
+    Converted,
+    CsvLayout,
+    ImageProblem,
+    Note,
+    Outcome,
+    Rejected,
+    SizeLookup,
+)
+from daemon.backfill.projects import (
+    PROJECT_MARKER,
+    PROJECT_RE,
+    WORKFLOW_FOLDERS,
+    ProjectFrom,
+    Window,
+    bare_name,
+    overlapping_windows,
+    parse_window,
+    project_from_path,
+)
 from daemon.images import parse_stage
 from daemon.timeparse import iso_utc, parse_timestamp
+
+__all__ = [
+    "PROJECT_MARKER",
+    "PROJECT_RE",
+    "WORKFLOW_FOLDERS",
+    "ConvertContext",
+    "Converted",
+    "CsvLayout",
+    "ImageProblem",
+    "Note",
+    "Outcome",
+    "ProjectFrom",
+    "Rejected",
+    "SizeLookup",
+    "Window",
+    "bare_name",
+    "convert_line",
+    "detect_layout",
+    "normalize_box",
+    "overlapping_windows",
+    "parse_window",
+    "project_from_path",
+]
 
 FORMAT_CROP = "crop_log"
 FORMAT_ANOMALY = "anomaly_cases"
 FORMAT_SELECTION = "selection_log"
 
-ProjectFrom = Literal["fixed", "folder", "window"]
 #: a side longer than this (pixels) is not a real image size: the value is unusable
 MAX_DIMENSION = 1_000_000
 
-#: Workflow folders relative to a project's image root (data contract section 2): never a project.
-WORKFLOW_FOLDERS = frozenset({
-    "crop", "crop_auto", "crop_cropped", "cropped", "selected",
-    "__crop", "__crop_auto", "__cropped", "__selected", *DELETE_STAGING_FOLDERS,
-})
-PROJECT_MARKER = "training data"
-PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _STAMP_RE = re.compile(r"(?<!\d)(\d{8}_\d{6})(?!\d)")
 _COORDS = ("crop_x1", "crop_y1", "crop_x2", "crop_y2")
 _BLOCK = ("image_0_path", "image_0_stage", "width_0", "height_0")
 MAX_IMAGES = 4  # the canonical DDL allows indexes 0..3
-
-
-# -- records --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """A finding about one line: a rejection reason (error) or a conversion remark (warning)."""
-
-    code: str
-    field: str | None
-    value_repr: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class ImageProblem:
-    """The image file found for a line exists but cannot give its size (too large for PIL's
-    decompression-bomb limit, truncated, not an image, not a regular file)."""
-
-    path: str
-    reason: str
-
-
-#: ``(project, bare file name) -> (width, height)``; an :class:`ImageProblem` when the file was
-#: found but cannot be read; None when it is not found.
-SizeLookup = Callable[[str, str], "tuple[int, int] | ImageProblem | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    note: Note
-
-
-@dataclass(frozen=True, slots=True)
-class Converted:
-    """A line turned into a row; ``group_id`` is assigned later from ``stamp`` (stateful)."""
-
-    project: str
-    chosen_name: str
-    stamp: str
-    values: dict[str, Any]  # every canonical column except group_id
-    notes: tuple[Note, ...] = ()
-
-
-Outcome = Converted | Rejected
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """Lines whose log timestamp lies in ``[start, end)`` belong to ``project``."""
-
-    project: str
-    start: datetime
-    end: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class CsvLayout:
-    """What the header of one legacy CSV says about its lines."""
-
-    format: str
-    header: tuple[str, ...]
-    index: dict[str, int]
-    block_start: int | None = None  # crop logs: position of image_0_path
-    has_coords: bool = False
-
-    def get(self, fields: Sequence[str], name: str) -> str | None:
-        pos = self.index.get(name)
-        return fields[pos] if pos is not None and pos < len(fields) else None
-
-
-@dataclass(frozen=True, slots=True)
-class ConvertContext:
-    project_from: ProjectFrom = "folder"
-    project: str | None = None
-    windows: tuple[Window, ...] = ()
-    full_frame_tolerance: float = 0.001
-    size_lookup: SizeLookup = field(default=lambda project, name: None)
 
 
 # -- header ---------------------------------------------------------------------------------------
@@ -147,79 +101,7 @@ def looks_like_header(fields: Sequence[str]) -> bool:
     return bool(fields) and fields[0].strip().lstrip("\ufeff") == "session_id"
 
 
-# -- paths and projects ---------------------------------------------------------------------------
-
-
-def _parts(raw: str) -> list[str]:
-    return [p for p in raw.strip().replace("\\", "/").split("/") if p not in ("", ".")]
-
-
-def bare_name(raw: str) -> str:
-    """``PROJECT_ROOT/mojo1/a b.png`` -> ``a b.png``; spaces and unicode are kept."""
-    parts = _parts(raw)
-    return parts[-1].strip() if parts else ""
-
-
-def project_from_path(raw: str) -> str | None:
-    """The project a legacy path names, or None when the path does not say (see BACKFILL.md).
-
-    After dropping ``PROJECT_ROOT/`` and everything up to the last ``training data/`` folder,
-    the project is the first folder left, minus a ``_final`` suffix.  A path that starts with
-    a workflow folder (``crop/``...) or an ``_`` folder, or an absolute path without a
-    ``training data/`` folder, does not name its project.
-    """
-    text = raw.strip().replace("\\", "/")
-    absolute = text.startswith("/") or bool(re.match(r"[A-Za-z]:/", text))
-    folders = _parts(text)[:-1]
-    if folders and folders[0] == "PROJECT_ROOT":
-        folders, absolute = folders[1:], False
-    marks = [i for i, f in enumerate(folders) if f.lower() == PROJECT_MARKER]
-    if marks:
-        folders = folders[marks[-1] + 1 :]
-    elif absolute:
-        return None
-    if not folders:
-        return None
-    first = folders[0].strip()
-    if first.lower() in WORKFLOW_FOLDERS or first.startswith("_"):
-        return None
-    if first.endswith("_final") and len(first) > len("_final"):
-        first = first[: -len("_final")]
-    return first if PROJECT_RE.match(first) else None
-
-
-def parse_window(text: str) -> Window:
-    """``mojo1=2025-10-04..2025-10-08``: whole UTC days, both ends included; full timestamps
-    (any contract format) are exact instants, the end excluded.  Raises ValueError."""
-    project, sep, span = text.partition("=")
-    start_s, sep2, end_s = span.partition("..")
-    project = project.strip()
-    if not sep or not sep2 or not PROJECT_RE.match(project):
-        raise ValueError(f"expected PROJECT=START..END, got {text!r}")
-    start = _window_bound(start_s.strip(), end=False)
-    end = _window_bound(end_s.strip(), end=True)
-    if start is None or end is None:
-        raise ValueError(f"window {text!r}: START and END must be YYYY-MM-DD or a timestamp")
-    if end <= start:
-        raise ValueError(f"window {text!r}: END is not after START")
-    return Window(project, start, end)
-
-
-def _window_bound(text: str, *, end: bool) -> datetime | None:
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        moment = parse_timestamp(f"{text} 00:00:00")
-        if moment is not None and end:
-            moment += timedelta(days=1)
-        return moment
-    return parse_timestamp(text)
-
-
-def overlapping_windows(windows: Sequence[Window]) -> tuple[Window, Window] | None:
-    ordered = sorted(windows, key=lambda w: (w.start, w.end, w.project))
-    for a, b in itertools.pairwise(ordered):
-        if b.start < a.end:
-            return a, b
-    return None
+# -- projects -------------------------------------------------------------------------------------
 
 
 def _resolve_project(ctx: ConvertContext, chosen_raw: str, column: str | None,
@@ -410,12 +292,30 @@ def _shape_problem(layout: CsvLayout, fields: Sequence[str]) -> Note | None:
     return None
 
 
+def _line_time(layout: CsvLayout, fields: Sequence[str]) -> datetime | Note:
+    """The line's log time, once its shape fits its header; else why the line is rejected."""
+    problem = _shape_problem(layout, fields)
+    return problem if problem is not None else _parse_time(layout.get(fields, "timestamp"))
+
+
+def _place(ctx: ConvertContext, layout: CsvLayout, fields: Sequence[str], moment: datetime,
+           others: Sequence[str], fld: str) -> tuple[list[str], int, str, str] | Note:
+    """``(images by stage, chosen index, chosen name, project)`` of a line whose group is
+    ``others``; else why the line is rejected."""
+    chosen_raw = layout.get(fields, "chosen_path") or ""
+    group = _group(chosen_raw, others, fld)
+    if isinstance(group, Note):
+        return group
+    images, index = group
+    project = _resolve_project(ctx, chosen_raw, layout.get(fields, "project"), moment)
+    if isinstance(project, Note):
+        return project
+    return images, index, images[index], project
+
+
 def convert_crop_line(layout: CsvLayout, fields: Sequence[str], ctx: ConvertContext) -> Outcome:
     """One crop-log line (with or without coordinates, with or without image blocks)."""
-    problem = _shape_problem(layout, fields)
-    if problem is not None:
-        return Rejected(problem)
-    moment = _parse_time(layout.get(fields, "timestamp"))
+    moment = _line_time(layout, fields)
     if isinstance(moment, Note):
         return Rejected(moment)
     chosen_raw = layout.get(fields, "chosen_path") or ""
@@ -426,14 +326,10 @@ def convert_crop_line(layout: CsvLayout, fields: Sequence[str], ctx: ConvertCont
             if path.strip():
                 blocks.append((path, fields[at + 2], fields[at + 3]))
     others = [b[0] for b in blocks] if blocks else [chosen_raw]
-    group = _group(chosen_raw, others, "image_0_path")
-    if isinstance(group, Note):
-        return Rejected(group)
-    images, index = group
-    chosen = images[index]
-    project = _resolve_project(ctx, chosen_raw, layout.get(fields, "project"), moment)
-    if isinstance(project, Note):
-        return Rejected(project)
+    placed = _place(ctx, layout, fields, moment, others, "image_0_path")
+    if isinstance(placed, Note):
+        return Rejected(placed)
+    images, index, chosen, project = placed
     dims = next(((w, h) for p, w, h in blocks if bare_name(p) == chosen),
                 (layout.get(fields, "width"), layout.get(fields, "height")))
     size = _size(ctx, project, chosen, dims[0], dims[1])
@@ -482,10 +378,7 @@ def _parse_list(raw: str | None, fld: str, *, python: bool) -> list[str] | Note:
 def convert_selection_line(layout: CsvLayout, fields: Sequence[str],
                            ctx: ConvertContext) -> Outcome:
     """One anomaly-case or historical-selection line: an approve of the chosen image."""
-    problem = _shape_problem(layout, fields)
-    if problem is not None:
-        return Rejected(problem)
-    moment = _parse_time(layout.get(fields, "timestamp"))
+    moment = _line_time(layout, fields)
     if isinstance(moment, Note):
         return Rejected(moment)
     python = layout.format == FORMAT_ANOMALY
@@ -494,14 +387,10 @@ def convert_selection_line(layout: CsvLayout, fields: Sequence[str],
     if isinstance(negatives, Note):
         return Rejected(negatives)
     chosen_raw = layout.get(fields, "chosen_path") or ""
-    group = _group(chosen_raw, [chosen_raw, *negatives], fld)
-    if isinstance(group, Note):
-        return Rejected(group)
-    images, index = group
-    chosen = images[index]
-    project = _resolve_project(ctx, chosen_raw, layout.get(fields, "project"), moment)
-    if isinstance(project, Note):
-        return Rejected(project)
+    placed = _place(ctx, layout, fields, moment, [chosen_raw, *negatives], fld)
+    if isinstance(placed, Note):
+        return Rejected(placed)
+    images, index, chosen, project = placed
     w_raw = layout.get(fields, "width") or layout.get(fields, "image_width")
     h_raw = layout.get(fields, "height") or layout.get(fields, "image_height")
     size = _size(ctx, project, chosen, w_raw, h_raw)
