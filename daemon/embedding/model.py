@@ -168,6 +168,12 @@ class OpenClipEmbedder:
     def image_size(self) -> int:
         return self._image_size
 
+    @property
+    def transform(self) -> Any:
+        """open_clip's preprocessing transform alone (picklable, without the model): what the
+        Ray backend's decode tasks run."""
+        return self._preprocess
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         tensor: torch.Tensor = self._preprocess(image)
         return tensor
