@@ -40,6 +40,7 @@ from daemon.embedding.decode import (
 )
 from daemon.embedding.ledger import FileRow, Ledger, VectorRow
 from daemon.embedding.model import Embedder, load_embedder
+from daemon.embedding.ray_backend import hand_to_ray
 from daemon.embedding.spng import load_spng
 from daemon.errors import EmbeddingError
 from daemon.files import DELETE_STAGING_FOLDERS, is_image_name
@@ -167,6 +168,11 @@ class EmbeddingStage:
         depth = cfg.batch_size * cfg.queue_batches
         # planned up front (a stat and an indexed query per file): the work's size is known
         planned = list(self._plan(ordered, cache, tally, limit))
+        if hand_to_ray(cfg, len(planned)):  # an archive-sized backlog goes to the cluster
+            from daemon.embedding.ray_backend import embed_planned
+
+            return embed_planned(self, planned, tally, started=start, progress=progress,
+                                 should_stop=should_stop)
         jobs = iter(planned)
         done = 0
         if progress is not None:
