@@ -7,7 +7,8 @@ total is the files to read (``--limit`` or fewer) on a terminal, or ``embedding.
 records off one; never in daemon mode.  No extraction logic lives here.
 
 Exit codes: 0 done (bad images are reported, not failures); 1 ``--verify`` found mismatches or
-the model could not be loaded; 2 bad arguments (unknown project, no image roots configured).
+the model could not be loaded; 2 bad arguments (unknown project, no image roots configured); 78
+``--backend ray`` without the ``[ray]`` extra (the message says how to install it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = structlog.get_logger("embedding")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_CONFIG = 78  # --backend ray without the [ray] extra: a setup to fix, not a failure
 
 
 def _positive(text: str) -> int:
@@ -62,6 +64,12 @@ def add_embed_parser(subparsers: Any, common: argparse.ArgumentParser
                    help="check cache, index and files agree; report every mismatch; embed "
                         "nothing")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--backend", choices=("local", "ray"),
+                   help="local: this process (default: embedding.backend); ray: Ray Data "
+                        "decode tasks and model actors (the [ray] extra)")
+    p.add_argument("--address", metavar="auto|ray://HOST:PORT",
+                   help="the Ray cluster (default: embedding.ray_address; none or 'local': a "
+                        "cluster of this box, started for the run)")
     return p
 
 
@@ -123,14 +131,35 @@ def _embed(args: argparse.Namespace, settings: Settings, store: StateStore) -> i
             raise KeyboardInterrupt
         stop["requested"] = True
 
+    backend = getattr(args, "backend", None) or settings.embedding.backend
+    if backend == "ray":
+        from daemon.embedding.ray_backend import require_ray
+        from daemon.errors import ConfigError
+
+        try:
+            require_ray()
+        except ConfigError as exc:
+            print(f"embed: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         stage = EmbeddingStage(settings, store)
         with phase(f"loading {settings.embedding.model}"):
+            if backend == "ray":  # the driver's copy, on the CPU: the GPUs are the actors'
+                from daemon.embedding.ray_backend import driver_embedder
+
+                stage = EmbeddingStage(settings, store, embedder=driver_embedder(settings))
             stage.embedder  # noqa: B018  (loads the model: 10-20 s of no visible work otherwise)
         with progress("embedding.progress", unit="img", desc="embedding") as report:
-            result = stage.run(candidates, limit=args.limit, progress=report,
-                               should_stop=lambda: stop["requested"])
+            if backend == "ray":
+                from daemon.embedding.ray_backend import embed_with_ray
+
+                result = embed_with_ray(settings, store, candidates, limit=args.limit,
+                                        progress=report, should_stop=lambda: stop["requested"],
+                                        address=args.address, embedder=stage.embedder)
+            else:
+                result = stage.run(candidates, limit=args.limit, progress=report,
+                                   should_stop=lambda: stop["requested"])
     except EmbeddingError as exc:
         log.error("embedding.failed", error=str(exc))
         print(f"embed: {exc}", file=sys.stderr)

@@ -59,7 +59,7 @@ def ray_installed() -> bool:
     """Whether ``import ray`` can work here (without importing it: that costs a second)."""
     try:
         return importlib.util.find_spec("ray") is not None
-    except (ImportError, ValueError):  # a ray module stubbed to None, or a broken install
+    except (ImportError, ValueError, AttributeError):  # stubbed to None, or a broken install
         return False
 
 
@@ -208,6 +208,8 @@ def ray_session(address: str, local_cpus: int) -> Iterator[dict[str, float]]:
         yield dict(cluster.cluster_resources())
         return
     quiet: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    # a daemon never phones home: Ray's usage report is off unless the operator turned it on
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address in ("", "local"):
         cpus = local_cpus or len(os.sched_getaffinity(0))
         ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
@@ -397,6 +399,18 @@ def embed_planned(stage: EmbeddingStage, planned: list[Job], tally: dict[str, in
     return result
 
 
+def driver_embedder(settings: Settings) -> Embedder:
+    """The driver's model copy, built on the CPU in fp32 (the embedder_id does not name the
+    device): it is needed only for the embedder_id, the dimension and the transform."""
+    from daemon.embedding.model import load_embedder
+
+    cfg = settings.embedding
+    return load_embedder(
+        cfg.model_copy(update={"device": "cpu", "precision": "fp32"}),
+        weights_path=settings.resolve(cfg.weights_path) if cfg.weights_path else None,
+        hf_cache_dir=settings.resolve(cfg.hf_cache_dir) if cfg.hf_cache_dir else None)
+
+
 def embed_with_ray(settings: Settings, store: StateStore,
                    candidates: Iterable[ImageCandidate], *, limit: int | None = None,
                    progress: Callable[[int, int], None] | None = None,
@@ -406,18 +420,11 @@ def embed_with_ray(settings: Settings, store: StateStore,
     """``trainingd embed --backend ray``: plan as the local stage does, then
     :func:`embed_planned`.  The driver's own model copy (for the embedder_id, the dimension and
     the preprocessing transform) is built on the CPU: the GPUs belong to the actors."""
-    from daemon.embedding.model import load_embedder
     from daemon.embedding.stage import EmbeddingStage
 
     require_ray()
     started = time.perf_counter()
-    cfg = settings.embedding
-    if embedder is None:
-        embedder = load_embedder(
-            cfg.model_copy(update={"device": "cpu", "precision": "fp32"}),
-            weights_path=settings.resolve(cfg.weights_path) if cfg.weights_path else None,
-            hf_cache_dir=settings.resolve(cfg.hf_cache_dir) if cfg.hf_cache_dir else None)
-    stage = EmbeddingStage(settings, store, embedder=embedder)
+    stage = EmbeddingStage(settings, store, embedder=embedder or driver_embedder(settings))
     tally: dict[str, int] = dict.fromkeys(
         ("seen", "embedded", "cached", "moved", "failed", "skipped_failed", "batches"), 0)
     ordered = sorted(candidates, key=lambda c: c.priority)
