@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.codes import CODES
+from daemon.embedding.ledger import META_EMBEDDER
 from daemon.files import DELETE_STAGING_FOLDERS
 from daemon.predict.grouping import group_sorted, sort_key, timestamp_text
 from daemon.predict.live import record_live_reviews
@@ -135,8 +136,13 @@ def predict_project(settings: Settings, store: StateStore, project: str, now: da
     result = PredictResult(project, "predicted", db=str(db))
     version = registry.champion_version(settings.models_dir, "ranker")
     meta = registry.read_metadata(settings.models_dir, "ranker", version) if version else None
-    embedder_id = str((meta or {}).get("embedder_id") or "")
     try:
+        # the vectors' embedder: the one that wrote last, else the one the stage would use
+        embedder_id = store.get_meta(META_EMBEDDER) if meta is not None else None
+        if meta is not None and embedder_id is None:
+            emb = stage()
+            embedder_id = emb.embedder.embedder_id if emb is not None else None
+        embedder_id = embedder_id or str((meta or {}).get("embedder_id") or "")
         champs = load_champions(settings.models_dir, embedder_id, settings.training.device)
     except NoChampion as exc:
         result.status, result.reason = "no_champion", str(exc)
