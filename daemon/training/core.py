@@ -423,7 +423,7 @@ def run_training(settings: Settings, kind: Kind, vectors: VectorSource, *,
             rstate = {k: v.detach().cpu() for k, v in res["reviewer_state"].items()}
             reviewer = (rstate, registry.reviewer_metadata(meta))
         files += registry.promote(models_dir, kind, version, state, meta, moment,
-                                  reviewer=reviewer)
+                                  reviewer=reviewer, dropin=registry.dropin_target(settings))
     log.info("training.model_registered", kind=kind, version=version, promoted=promoted,
              reason=reason, train=res["train_size"], validation=res["validation_size"],
              test=res["holdout_size"], design=res["design"], embedder_id=embedder_id,

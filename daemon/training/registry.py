@@ -6,7 +6,14 @@ Files (N counts up per kind, never reused)::
     crop_proposer_vN.pt, crop_proposer_vN_metadata.json   every trained crop proposer
     champions.json                                        pointer: the promoted version per kind
     reviewer/ranker.pt, reviewer/crop_proposer.pt (+ _metadata.json)
-                                                          the champion in the reviewer's format
+                                                          the champion in the reviewer's format:
+                                                          trainingd's record of what it gave the
+                                                          reviewer (the next challenger's rival)
+    reviewer_exports.json                                 the drop-in ledger (training.dropin)
+
+The reviewer's own drop-in files (``ranker_v3_w10.pt``, ``crop_proposer_v2.pt``, see
+:mod:`daemon.training.dropin`) may sit in this same folder: a version whose file name would be
+one of them is never used (crop version 2 is skipped) and never listed.
 
 A ``.pt`` file is a plain ``state_dict`` (loaded with ``weights_only=True``); its config and
 metrics live in the metadata beside it.  Every file is written atomically, and the pointer is
@@ -28,6 +35,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # numpy stays out of the start-up path of status
     import numpy as np
 
+    from daemon.settings import Settings
+    from daemon.training.dropin import Target
+
 from daemon.fsutil import atomic_write_bytes, atomic_write_text
 from daemon.timeparse import iso_utc
 
@@ -44,13 +54,21 @@ def metadata_path(models_dir: Path, kind: str, version: int) -> Path:
     return models_dir / f"{PREFIX[kind]}_v{version}_metadata.json"
 
 
+def _reserved(kind: str, version: int) -> bool:
+    """A version whose file name is the reviewer's own (``crop_proposer_v2.pt``): in the shared
+    folder it would overwrite the reviewer's file and read the reviewer's metadata as ours."""
+    from daemon.training.dropin import DEFAULT_NAMES
+
+    return f"{PREFIX[kind]}_v{version}.pt" in DEFAULT_NAMES.values()
+
+
 def versions(models_dir: Path, kind: str) -> list[int]:
     """Versions with a model file, ascending."""
     pattern = re.compile(rf"^{PREFIX[kind]}_v(\d+)\.pt$")
     if not models_dir.is_dir():
         return []
     found = (pattern.match(p.name) for p in models_dir.iterdir())
-    return sorted(int(m.group(1)) for m in found if m)
+    return sorted(v for m in found if m and not _reserved(kind, v := int(m.group(1))))
 
 
 def next_version(models_dir: Path, kind: str) -> int:
@@ -58,7 +76,10 @@ def next_version(models_dir: Path, kind: str) -> int:
     pattern = re.compile(rf"^{PREFIX[kind]}_v(\d+)(?:\.pt|_metadata\.json)$")
     used = [int(m.group(1)) for p in (models_dir.iterdir() if models_dir.is_dir() else [])
             if (m := pattern.match(p.name))]
-    return max(used, default=0) + 1
+    version = max(used, default=0) + 1
+    while _reserved(kind, version):
+        version += 1
+    return version
 
 
 def read_pointer(models_dir: Path) -> dict[str, Any]:
@@ -129,10 +150,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
             metadata: dict[str, Any], now: datetime, *,
-            reviewer: tuple[dict[str, Any], dict[str, Any]] | None = None) -> list[Path]:
+            reviewer: tuple[dict[str, Any], dict[str, Any]] | None = None,
+            dropin: Target | None = None) -> list[Path]:
     """Export ``reviewer`` (state, metadata) for the reviewer where the run allowed it (real
-    embedder weights, a reviewer-loadable model that itself passed the promotion test), then
-    move the pointer.  Without it the reviewer's files are left exactly as they were."""
+    embedder weights, a reviewer-loadable model that itself passed the promotion test): the
+    ``reviewer/`` copy, then the drop-in files the reviewer loads (``dropin``), then move the
+    pointer.  Without it the reviewer's files are left exactly as they were.  A drop-in export
+    that cannot be written (missing folder, disk) is logged and shown by ``trainingd models``;
+    the champion is promoted for trainingd all the same."""
     written: list[Path] = []
     if reviewer is not None:
         rstate, rmeta = reviewer
@@ -140,15 +165,55 @@ def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
             raise ValueError(f"refusing to export {kind} v{version} to the reviewer: "
                              f"embedder {rmeta.get('embedder_id')!r} is random or unknown")
         pt, meta = reviewer_paths(models_dir, kind)
-        atomic_write_bytes(pt, _state_bytes(rstate))
+        data = _state_bytes(rstate)
+        atomic_write_bytes(pt, data)
         atomic_write_text(meta, json.dumps(rmeta, indent=2, sort_keys=True, default=str) + "\n")
         written += [pt, meta]
+        if dropin is not None:
+            written += _export_dropin(dropin, kind, version, data, rmeta, now)
     pointer = read_pointer(models_dir)
     pointer[kind] = {"version": version, "file": model_path(models_dir, kind, version).name,
                      "promoted_at": iso_utc(now)}
     atomic_write_text(models_dir / POINTER, json.dumps(pointer, indent=2, sort_keys=True) + "\n")
     written.append(models_dir / POINTER)
     return written
+
+
+def dropin_target(settings: Settings) -> Target:
+    """Where the drop-in export writes (``[reviewer]``)."""
+    from daemon.training.dropin import target
+
+    return target(settings)
+
+
+def _export_dropin(target: Target, kind: str, version: int, data: bytes, rmeta: dict[str, Any],
+                   now: datetime) -> list[Path]:
+    from daemon.training.dropin import export
+
+    try:
+        return export(target, kind, version, data, json.loads(json.dumps(rmeta, default=str)),
+                      now).written
+    except OSError as exc:  # the reviewer keeps its file; trainingd's champion still moves
+        import structlog
+
+        structlog.get_logger("dropin").error(
+            "dropin.export_failed", kind=kind, version=version, folder=str(target.folder),
+            error=f"{type(exc).__name__}: {exc}")
+        return []
+
+
+def sync_reviewer_copy(models_dir: Path, kind: str, data: bytes,
+                       dropin_meta: dict[str, Any] | None) -> None:
+    """After a rollback: ``reviewer/`` (what the next challenger is compared against) becomes
+    what the reviewer has again, or nothing when that file is not trainingd's."""
+    pt, meta_path = reviewer_paths(models_dir, kind)
+    inner = (dropin_meta or {}).get("trainingd")
+    if isinstance(inner, dict):
+        atomic_write_bytes(pt, data)
+        atomic_write_text(meta_path, json.dumps(inner, indent=2, sort_keys=True) + "\n")
+    else:
+        pt.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
 
 
 def reviewer_metadata(meta: dict[str, Any]) -> dict[str, Any]:

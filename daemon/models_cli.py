@@ -1,0 +1,162 @@
+"""``trainingd models`` and ``trainingd models rollback ranker|crop [--undo]``: what the registry
+holds, which version is champion, and what the reviewer really has, checked by sha256 against
+the file on disk.  Parsing and printing only: the work is :mod:`daemon.training.dropin`.
+
+The listing never writes (no ledger, no lock, no folder is created).  Exit codes: 0 listed, or
+rolled back; 1 nothing to roll back (or to undo); 78 configuration (the reviewer's folder is
+missing, a bad config.toml).  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.settings import Settings
+from daemon.training import dropin, registry
+
+
+def add_models_parser(subparsers: Any, common_parent: argparse.ArgumentParser
+                      ) -> argparse.ArgumentParser:
+    """Add ``models`` (and its ``rollback``) to the ``trainingd`` sub-commands."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "models", parents=[common_parent],
+        help="model versions, champions, and what the reviewer has (rollback)",
+        description="List every trained version per kind with its test-side figures, the "
+                    "champion, and the reviewer's drop-in file (version, sha256 check). "
+                    "See Documents/TRAINING.md, 'The reviewer's files'.")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    sub = p.add_subparsers(dest="models_command", metavar="ACTION")
+    r = sub.add_parser("rollback", parents=[common_parent],
+                       help="give the reviewer back the file it had before the current one")
+    r.add_argument("kind", choices=("ranker", "crop"))
+    r.add_argument("--undo", action="store_true",
+                   help="undo the last rollback (put back the file it replaced)")
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    return p
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "models_command", None) == "rollback":
+        return _rollback(args, settings)
+    doc = models_document(settings)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(doc))
+    return 0
+
+
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    def sync(data: bytes, meta: dict[str, Any] | None) -> None:
+        registry.sync_reviewer_copy(settings.models_dir, args.kind, data, meta)
+
+    out = dropin.rollback(dropin.target(settings), args.kind, datetime.now(UTC), undo=args.undo,
+                          on_restore=sync)
+    if args.json:
+        json.dump({"exit_code": out.code, "message": out.message, "version": out.version,
+                   "written": [str(p) for p in out.written]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(("" if out.code == 0 else "trainingd: ") + out.message,
+              file=sys.stdout if out.code == 0 else sys.stderr)
+    return out.code
+
+
+# -- the document (read only) --------------------------------------------------------------------
+
+def version_row(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """One version's test-side figures: its primary score, the best baseline's, n, and the CI
+    of the paired difference to that baseline (issue 12's promotion test)."""
+    metric = "top1" if kind == "ranker" else "mean_iou"
+    model = (meta.get("metrics") or {}).get("model") or {}
+    decision = meta.get("promotion") or {}
+    comparisons = decision.get("comparisons") or []
+    base = comparisons[0] if comparisons else {}
+    export = meta.get("reviewer_export") or {}
+    return {"version": meta.get("version"), "created_at": meta.get("created_at"),
+            "promoted": bool(meta.get("promoted")), "metric": metric,
+            "score": model.get(metric), "n": decision.get("n_test", meta.get("test_size")),
+            "best_baseline": decision.get("best_baseline"),
+            "baseline_score": base.get("other"), "difference": base.get("difference"),
+            "ci": [base.get("ci_low"), base.get("ci_high")] if base else None,
+            "alpha": base.get("alpha"), "design": (meta.get("architecture") or {}).get("design"),
+            "embedder_id": meta.get("embedder_id"),
+            "embedder_random": meta.get("embedder_random"),
+            "reviewer_exported": bool(export.get("exported")),
+            "reason": meta.get("promotion_reason")}
+
+
+def models_document(settings: Settings) -> dict[str, Any]:
+    """Per kind: versions with figures, the champion, and what the reviewer has."""
+    target = dropin.target(settings)
+    out: dict[str, Any] = {"models_dir": str(settings.models_dir),
+                           "reviewer_dir": str(target.folder), "kinds": {}}
+    for kind in dropin.KINDS:
+        rows = [version_row(kind, m) for m in registry.all_metadata(settings.models_dir, kind)]
+        out["kinds"][kind] = {"champion": registry.champion_version(settings.models_dir, kind),
+                              "versions": rows, "reviewer": dropin.describe(target, kind)}
+    return out
+
+
+def _fig(v: Any, pct: bool) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * float(v):.1f}%" if pct else f"{float(v):.3f}"
+
+
+def _ci(row: dict[str, Any]) -> str:
+    ci = row.get("ci")
+    if not ci or ci[0] is None or ci[1] is None:
+        return "-"
+    return f"[{float(ci[0]):+.3f}, {float(ci[1]):+.3f}]"
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for kind, entry in doc["kinds"].items():
+        pct = kind == "ranker"
+        champ = entry["champion"]
+        lines.append(f"{kind} (champion: {'v' + str(champ) if champ is not None else 'none'})")
+        if entry["versions"]:
+            lines.append(f"  {'version':9} {'promoted':9} {'test':>7} {'best baseline':28} "
+                         f"{'n':>5}  {'difference CI':18} notes")
+        for row in entry["versions"]:
+            mark = "*" if row["version"] == champ else " "
+            base = f"{row['best_baseline'] or '-'} {_fig(row['baseline_score'], pct)}"
+            notes = []
+            if row["embedder_random"]:
+                notes.append("RANDOM WEIGHTS")
+            if row["reviewer_exported"]:
+                notes.append("exported")
+            lines.append(f"  v{row['version']!s:<7}{mark} {'yes' if row['promoted'] else 'no':9} "
+                         f"{_fig(row['score'], pct):>7} {base:28} {row['n'] or '-'!s:>5}  "
+                         f"{_ci(row):18} {', '.join(notes)}")
+        if not entry["versions"]:
+            lines.append("  no versions trained yet")
+        lines.append("  reviewer: " + reviewer_line(entry["reviewer"]))
+    lines.append(f"(registry {doc['models_dir']}; reviewer folder {doc['reviewer_dir']})")
+    return "\n".join(lines) + "\n"
+
+
+def reviewer_line(r: dict[str, Any]) -> str:
+    name = Path(r["file"]).name
+    if not r["folder_exists"]:
+        return f"{name}: folder missing ({Path(r['file']).parent}): set reviewer.models_dir"
+    state = r["state"]
+    if r.get("version") is not None:
+        state = f"trainingd v{r['version']}, sha256 {state} (exported {r.get('exported_at')})"
+    extra = []
+    if r.get("sha256"):
+        extra.append(f"sha256 {r['sha256'][:12]}")
+    extra.append(f"{len(r['backups'])} backup(s)")
+    if r.get("can_roll_back"):
+        extra.append("rollback possible")
+    if not r["export_enabled"]:
+        extra.append("export off (reviewer.export = false)")
+    return f"{name}: {state}; " + ", ".join(extra)
