@@ -52,20 +52,51 @@ def find_image_beside(folder: Path, stem: str) -> Path | None:
 
     The lower-case names are tried first (a stat each); only when none exists is the folder
     listed, so ``X.JPEG`` or ``X.Png`` is found too.  An unreadable folder is None, never an
-    exception."""
-    for suffix in _SUFFIX_ORDER:
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.exists():
-            return candidate
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                base, suffix = os.path.splitext(entry.name)
-                if base == stem and suffix.lower() in IMAGE_SUFFIXES:
-                    return folder / entry.name
-    except OSError:
-        return None
-    return None
+    exception.  A caller asking for many stems in the same folders uses one
+    :class:`ImagesBeside` instead, which lists each folder once."""
+    return ImagesBeside().find(folder, stem)
+
+
+class ImagesBeside:
+    """Finds the image beside a name: same folder, same stem, an image suffix in any case.
+
+    The suffix's case is the camera's or the tool's (``x.png``, ``X.JPEG``, ``x.Png``), so no
+    fixed list of spellings is enough and the folder must be listed; but a pass over 10,000
+    orphan sidecars in one folder must not list it 10,000 times (that pass took minutes).  So
+    the exact lower-case names are stat'ed first, and each folder is listed at most once in the
+    life of this object: make one per pass, so a later pass sees files that appeared since."""
+
+    def __init__(self) -> None:
+        #: folder -> {stem: image names with that stem} (empty for a folder that cannot be read)
+        self._listed: dict[Path, dict[str, list[str]]] = {}
+
+    def find(self, folder: Path, stem: str) -> Path | None:
+        """The image for ``stem`` in ``folder`` (lower-case ``.png``, ``.jpg``, ``.jpeg``
+        first, then any other case in that order), or None; never raises."""
+        for suffix in _SUFFIX_ORDER:
+            candidate = folder / f"{stem}{suffix}"
+            with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL in the name
+                if candidate.exists():
+                    return candidate
+        names = self._names(folder).get(stem)
+        if not names:
+            return None
+        return folder / min(names, key=lambda n: (_SUFFIX_ORDER.index(
+            os.path.splitext(n)[1].lower()), n))
+
+    def _names(self, folder: Path) -> dict[str, list[str]]:
+        if folder not in self._listed:
+            found: dict[str, list[str]] = {}
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        base, suffix = os.path.splitext(entry.name)
+                        if suffix.lower() in IMAGE_SUFFIXES:
+                            found.setdefault(base, []).append(entry.name)
+            except OSError:
+                found = {}
+            self._listed[folder] = found
+        return self._listed[folder]
 
 
 # -- safe reading --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from daemon import sidecars as sc
-from daemon.files import IMAGE_SUFFIXES
+from daemon.files import ImagesBeside
 from daemon.records import Issue
 from daemon.store.db import StateStore
 from daemon.store.sidecar_repo import SidecarRecord, SidecarRepo
@@ -44,6 +44,7 @@ def record_sidecars(store: StateStore, project: str, paths: Iterable[str], roots
     hints: dict[str, set[str]] = {}
     parsed_n = gone = issues_n = 0
     seen_at = iso_utc(now)
+    images = ImagesBeside()  # one per pass: each folder listed at most once
     with store.transaction():
         for raw in sorted(paths):
             beat(f"sidecar {raw}")
@@ -57,7 +58,7 @@ def record_sidecars(store: StateStore, project: str, paths: Iterable[str], roots
                 store.replace_issues(project, [key], [], now)
                 gone += 1
                 continue
-            issues, rec, group = _examine(repo, project, raw, root)
+            issues, rec, group = _examine(repo, project, raw, root, images)
             if group is not None:
                 hints.setdefault(group[0], set()).add(group[1])
             repo.record(rec, seen_at)
@@ -68,7 +69,7 @@ def record_sidecars(store: StateStore, project: str, paths: Iterable[str], roots
                        {p: frozenset(g) for p, g in hints.items()})
 
 
-def _examine(repo: SidecarRepo, project: str, raw: str, root: Path
+def _examine(repo: SidecarRepo, project: str, raw: str, root: Path, images: ImagesBeside
              ) -> tuple[list[Issue], SidecarRecord, tuple[str, str] | None]:
     """The sidecar's issues, its record, and (project, group id) of the row it names."""
     path = Path(raw)
@@ -82,11 +83,9 @@ def _examine(repo: SidecarRepo, project: str, raw: str, root: Path
         return [parsed], SidecarRecord(raw, project, None, None, None,
                                        sc.folder_role(path, root), size, mtime_ns), None
     row_project = repo.project_of_group(parsed.group_id)
-    # a few stats first: image_beside lists the folder when no exact name is there, and a
-    # folder of 10,000 sidecars without images made each pass quadratic (minutes)
-    image_present = any(path.with_name(parsed.image_stem + s).exists()
-                        for suffix in sorted(IMAGE_SUFFIXES)
-                        for s in (suffix, suffix.upper()))
+    # any suffix case (x.Png too), each folder listed once per pass: 10,000 orphan sidecars
+    # in one folder once made each pass quadratic (minutes)
+    image_present = images.find(path.parent, parsed.image_stem) is not None
     issues = list(sc.check_sidecar_link(
         parsed, row_exists=row_project is not None, row_project=row_project,
         image_present=image_present, expected_project=project))

@@ -5,7 +5,9 @@ sidecar's image is found whatever the case of its suffix."""
 from __future__ import annotations
 
 import ast
+import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from daemon.store.db import StateStore
 
 ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2025, 11, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def _failing_commit(store: StateStore) -> None:
@@ -88,3 +91,65 @@ class TestStorePublicApi:
             assert (outcome.reason, outcome.adopted) == ("deleted", False)
         finally:
             store.close()
+
+
+def _kind_a_sidecar(folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.decision"
+    path.write_text(json.dumps({"group_id": "g1", "project_id": "demo", "needs_crop": True},
+                               indent=2))
+    return path
+
+
+class TestImageBesideAnyCase:
+    """A sidecar's image is found whatever the case of its suffix (data contract, section 2)."""
+
+    @pytest.mark.parametrize("suffix", [".png", ".PNG", ".Png", ".pNg", ".JPEG", ".Jpg"])
+    def test_sidecar_pass_finds_the_image_in_any_case(self, tmp_path: Path, suffix: str) -> None:
+        """The sidecar pass reports no sidecar_image_missing for x.Png beside x.decision (it
+        used to stat only the all-lower and all-upper spellings)."""
+        from daemon.sidecar_record import SIDECAR_KEY, record_sidecars
+
+        root = tmp_path / "images"
+        sidecar = _kind_a_sidecar(root / "__crop", "20250709_101500_stage2_upscaled")
+        (sidecar.parent / f"20250709_101500_stage2_upscaled{suffix}").write_bytes(b"x")
+        store = StateStore(tmp_path / "state.db")
+        try:
+            record_sidecars(store, "demo", [str(sidecar)], [root], NOW)
+            found = [i.code for i in store.issues("demo")]
+            assert "sidecar_orphan" in found  # the pass did run and judged the sidecar
+            assert "sidecar_image_missing" not in found
+            assert store.conn.execute("SELECT count(*) FROM issues WHERE row_key = ?",
+                                      (SIDECAR_KEY + str(sidecar),)).fetchone()[0] >= 1
+        finally:
+            store.close()
+
+    def test_sidecar_pass_still_reports_a_missing_image(self, tmp_path: Path) -> None:
+        """With no image of that stem in any case (only a .yaml companion), the issue stays."""
+        from daemon.sidecar_record import record_sidecars
+
+        root = tmp_path / "images"
+        sidecar = _kind_a_sidecar(root / "__crop", "a_stage2_upscaled")
+        (sidecar.parent / "a_stage2_upscaled.yaml").write_text("x: 1\n")
+        (sidecar.parent / "b_stage2_upscaled.Png").write_bytes(b"x")
+        store = StateStore(tmp_path / "state.db")
+        try:
+            record_sidecars(store, "demo", [str(sidecar)], [root], NOW)
+            assert "sidecar_image_missing" in [i.code for i in store.issues("demo")]
+        finally:
+            store.close()
+
+    def test_one_lookup_lists_a_folder_once(self, tmp_path: Path) -> None:
+        """ImagesBeside finds x.Png, keeps its listing for the pass (an image written later is
+        seen by the next pass's lookup), and prefers the lower-case name when both exist."""
+        from daemon.files import ImagesBeside, find_image_beside
+
+        (tmp_path / "x.Png").write_bytes(b"x")
+        lookup = ImagesBeside()
+        assert lookup.find(tmp_path, "x") == tmp_path / "x.Png"
+        (tmp_path / "y.JpG").write_bytes(b"x")
+        assert lookup.find(tmp_path, "y") is None
+        assert ImagesBeside().find(tmp_path, "y") == tmp_path / "y.JpG"
+        (tmp_path / "x.png").write_bytes(b"x")
+        assert find_image_beside(tmp_path, "x") == tmp_path / "x.png"
+        assert ImagesBeside().find(tmp_path / "missing", "x") is None
