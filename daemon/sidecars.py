@@ -274,20 +274,20 @@ def _check_kind_b(data: Mapping[str, Any], group_id: str) -> None:
     _check_type(data, "images",
                 isinstance(images, list) and all(isinstance(n, str) and n for n in images),
                 "a list of file names", group_id)
-    rec = data.get("ai_recommendation")
-    _check_type(data, "ai_recommendation", rec is None or isinstance(rec, dict),
+    _check_section(data, "ai_recommendation", _RECOMMENDATION_FIELDS, group_id)
+    _check_section(data, "user_decision", _DECISION_FIELDS, group_id)
+
+
+def _check_section(data: Mapping[str, Any], name: str,
+                   fields: Mapping[str, tuple[Predicate, str]], group_id: str) -> None:
+    """``data[name]`` is null or an object whose known ``fields`` have their types."""
+    section = data.get(name)
+    _check_type(data, name, section is None or isinstance(section, dict),
                 "null or an object", group_id)
-    if isinstance(rec, dict):
-        for key, (ok, expected) in _RECOMMENDATION_FIELDS.items():
-            if key in rec:
-                _check_type(rec, key, ok(rec[key]), expected, group_id, "ai_recommendation.")
-    dec = data.get("user_decision")
-    _check_type(data, "user_decision", dec is None or isinstance(dec, dict),
-                "null or an object", group_id)
-    if isinstance(dec, dict):
-        for key, (ok, expected) in _DECISION_FIELDS.items():
-            if key in dec:
-                _check_type(dec, key, ok(dec[key]), expected, group_id, "user_decision.")
+    if isinstance(section, dict):
+        for key, (ok, expected) in fields.items():
+            if key in section:
+                _check_type(section, key, ok(section[key]), expected, group_id, f"{name}.")
 
 
 def _stem(path: Path) -> str:

@@ -197,30 +197,22 @@ class SourceReader:
             cursor = int(rows[-1][0])
 
     def rows_by_group_id(self, group_ids: Iterable[str]) -> list[Row]:
-        out: list[Row] = []
-        for part, marks in in_chunks(group_ids):
-            out.extend(
-                self._read(f"SELECT {self._select} FROM {TABLE} WHERE group_id IN ({marks})", part)
-            )
-        return out
+        return self._rows_where_in(self._select, "group_id", group_ids)
 
     def rows_by_rowid(self, rowids: Iterable[int]) -> list[Row]:
-        out: list[Row] = []
-        for part, marks in in_chunks(rowids):
-            out.extend(
-                self._read(f"SELECT {self._select} FROM {TABLE} WHERE rowid IN ({marks})", part)
-            )
-        return out
+        return self._rows_where_in(self._select, "rowid", rowids)
 
     def group_ids_at(self, rowids: Sequence[int]) -> dict[int, Any]:
         """``rowid -> group_id`` for a few probe rowids (to notice VACUUM renumbering)."""
-        if not rowids:
-            return {}
-        marks = ",".join("?" * len(rowids))
-        rows = self._read(
-            f"SELECT rowid, group_id FROM {TABLE} WHERE rowid IN ({marks})", list(rowids)
-        )
-        return {int(r[0]): r[1] for r in rows}
+        return {int(r[0]): r[1] for r in self._rows_where_in("rowid, group_id", "rowid", rowids)}
+
+    def _rows_where_in(self, select: str, column: str, ids: Iterable[Any]) -> list[Row]:
+        """``SELECT select ... WHERE column IN (ids)``, in chunks (no ids, no query)."""
+        out: list[Row] = []
+        for part, marks in in_chunks(ids):
+            out.extend(self._read(f"SELECT {select} FROM {TABLE} WHERE {column} IN ({marks})",
+                                  part))
+        return out
 
     def counts_by(self, column: str) -> dict[str, int]:
         if column not in self.schema.columns:
