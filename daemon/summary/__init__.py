@@ -36,7 +36,7 @@ __all__ = ["PLOTS", "build_summary", "missed_days", "write_daily_summary",
            "write_missed_summaries"]
 
 PLOTS = ("decisions", "issues", "embedding_coverage", "model_metrics", "crop_iou_by_stage",
-         "crop_panels", "trend")
+         "crop_panels", "trend", "live_accuracy")
 _NAME = re.compile(r"daily_summary_(\d{4}-\d{2}-\d{2})\.json")
 
 
@@ -87,6 +87,10 @@ def build_summary(settings: Settings, store: StateStore, now: datetime, *,
 
     summary["crop_panels"] = crop_panels(settings, store, scan["crops"], vectors)
     summary["trend"] = gather.trend(settings.summaries_dir, now, summary, scan["per_day"])
+    from daemon.summary import live
+
+    beat("summary: live accuracy")
+    summary["live_accuracy"] = live.gather(settings)
     return summary
 
 

@@ -100,6 +100,10 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
         where = p["image_path"] or f"not drawn: {p['note']}"
         lines.append(f"- {_cell(p['project'])} `{_cell(p['group_id'])}` ({p['timestamp']}): "
                      f"{_cell(where)}; model box from {p['model_box_from'] or 'nowhere'}")
+    if "live_accuracy" in summary:
+        from daemon.summary.live import render as render_live
+
+        lines += ["", *render_live(summary["live_accuracy"], img("live_accuracy"))]
     lines += ["", "## Trend", "", img("trend"), ""]
     lines += [f"- {_cell(n)}" for n in summary["trend"]["notes"]]
     lines += ["", "## Retrain events (this window)", ""]

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from daemon.summary.live import plot_live_accuracy
+
 SEVERITY_COLOURS = {"error": "#c0392b", "warning": "#e69f00"}
 FATE_COLOURS = {"embedded": "#2e8b57", "failed": "#c0392b", "waiting": "#9db4c0",
                 "lost": "#555555"}
@@ -372,6 +374,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "decisions": plot_decisions, "issues": plot_issues, "embedding_coverage": plot_coverage,
     "model_metrics": plot_model_metrics, "crop_iou_by_stage": plot_crop_by_stage,
     "crop_panels": plot_crop_panels, "trend": plot_trend,
+    "live_accuracy": plot_live_accuracy,
 }
 
 
