@@ -180,7 +180,7 @@ def _settle(t: Target, kind: str, entry: dict[str, Any], now: datetime) -> str |
             log.warning("dropin.changed_outside", kind=kind, file=str(t.path(kind)),
                         sha256=disk)
     if disk is not None and not _backup_exists(t, states[-1]):
-        states[-1]["backup"] = _back_up(t, kind, now)
+        states[-1]["backup"] = _back_up(t, kind, now, disk)
     return disk
 
 
@@ -189,15 +189,16 @@ def _backup_exists(t: Target, state: dict[str, Any]) -> bool:
     return isinstance(name, str) and (t.backups / name).is_file()
 
 
-def _back_up(t: Target, kind: str, now: datetime) -> str:
-    """Copy the file in place (and our metadata of it) into the backups folder; its name."""
+def _back_up(t: Target, kind: str, now: datetime, sha: str) -> str:
+    """Copy the file in place (and our metadata, when it describes these very bytes) into the
+    backups folder; its name."""
     base = f"{t.names[kind]}.{_stamp(now)}"
     name, n = f"{base}.bak", 1
     while (t.backups / name).exists():
         name, n = f"{base}-{n}.bak", n + 1
     atomic_write_bytes(t.backups / name, _read_bytes(t.path(kind)))
     meta = _read_json(t.meta_path(kind))
-    if meta is not None:
+    if meta is not None and meta.get("sha256") == sha:
         atomic_write_text(t.backups / (name + META_SUFFIX), json.dumps(meta, indent=2) + "\n")
     return name
 
