@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,13 @@ def status_document(settings: Settings, now: datetime | None = None) -> dict[str
     from daemon.service import read_heartbeat
 
     now = now or datetime.now(UTC)
-    projects: list[dict[str, Any]] = []
-    known: set[str] = set()
-    embedding: dict[str, dict[str, int]] = {}
-    embedder: str | None = None
-    audit: dict[str, Any] | None = None
-    backlog_by_project: dict[str, int] = {}
+    state = _StateFacts()
     problems: list[str] = []
     try:
-        projects, known, embedding, embedder, audit, backlog_by_project = _state_figures(
-            settings, now)
+        state = _state_facts(settings, now)
     except StoreError as exc:
         problems.append(f"state DB unreadable: {exc}")
+    projects, known = list(state.projects), {p["project"] for p in state.projects}
     try:
         sources = discover_projects(settings)
     except OSError as exc:
@@ -88,12 +84,12 @@ def status_document(settings: Settings, now: datetime | None = None) -> dict[str
     health = "not_started" if beat is None else str(beat.get("health", "unknown"))
     doc = {"daemon": beat, "state_db": str(settings.state_db),
             "decisions_dir": str(settings.decisions_dir), "projects": projects,
-            "embedder_id": embedder, "embedding_coverage": embedding, "audit_tokens": audit,
-            "problems": problems,
+            "embedder_id": state.embedder, "embedding_coverage": state.embedding,
+            "audit_tokens": state.audit, "problems": problems,
             # added in issue 10; the keys above keep their meaning
             "health": health, "exit_code": None,
             "model": beat.get("model") if beat else None,
-            "backlog": _backlog(backlog_by_project, beat, health),
+            "backlog": _backlog(state.backlog, beat, health),
             "champions": champions(settings.models_dir),
             "reviewer": reviewer_files(settings.models_dir),
             "disk": {"cache": disk_use(settings.cache_dir),
@@ -103,39 +99,42 @@ def status_document(settings: Settings, now: datetime | None = None) -> dict[str
     return doc
 
 
-def _state_figures(settings: Settings, now: datetime
-                   ) -> tuple[list[dict[str, Any]], set[str], dict[str, dict[str, int]],
-                              str | None, dict[str, Any] | None, dict[str, int]]:
+@dataclass(frozen=True, slots=True)
+class _StateFacts:
+    """What status reads from the state DB (all empty when there is none yet)."""
+
+    projects: tuple[dict[str, Any], ...] = ()
+    embedding: dict[str, dict[str, int]] = field(default_factory=dict)
+    embedder: str | None = None
+    audit: dict[str, Any] | None = None
+    backlog: dict[str, int] = field(default_factory=dict)
+
+
+def _state_facts(settings: Settings, now: datetime) -> _StateFacts:
     from daemon.embedding.cli import coverage
     from daemon.training.audit import audit_budget
 
-    projects: list[dict[str, Any]] = []
-    known: set[str] = set()
-    embedding: dict[str, dict[str, int]] = {}
-    embedder: str | None = None
-    audit: dict[str, Any] | None = None
-    backlog: dict[str, int] = {}
-    if settings.state_db.is_file():
-        store = StateStore(settings.state_db, read_only=True)
-        try:
-            embedding = coverage(store, settings)
-            embedder = store.get_meta("embedding.embedder_id")
-            audit = audit_budget(store, settings, now).to_dict()
-            backlog = images_waiting(store, embedder)
-            for cp in store.checkpoints():
-                counts = store.issue_counts(cp.project)
-                projects.append({
-                    "project": cp.project, "db_file": cp.db_path, "schema": cp.schema_kind,
-                    "rows": cp.row_count, **store.row_figures(cp.project),
-                    "errors": counts.get("error", 0), "warnings": counts.get("warning", 0),
-                    "last_check": cp.last_checked_at, "last_full_reconcile": cp.last_full_at,
-                })
-                known.add(cp.project)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"state DB {settings.state_db}: {exc}") from exc
-        finally:
-            store.close()
-    return projects, known, embedding, embedder, audit, backlog
+    if not settings.state_db.is_file():
+        return _StateFacts()
+    store = StateStore(settings.state_db, read_only=True)
+    try:
+        embedder = store.get_meta("embedding.embedder_id")
+        projects = []
+        for cp in store.checkpoints():
+            counts = store.issue_counts(cp.project)
+            projects.append({
+                "project": cp.project, "db_file": cp.db_path, "schema": cp.schema_kind,
+                "rows": cp.row_count, **store.row_figures(cp.project),
+                "errors": counts.get("error", 0), "warnings": counts.get("warning", 0),
+                "last_check": cp.last_checked_at, "last_full_reconcile": cp.last_full_at,
+            })
+        return _StateFacts(tuple(projects), coverage(store, settings), embedder,
+                           audit_budget(store, settings, now).to_dict(),
+                           images_waiting(store, embedder))
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"state DB {settings.state_db}: {exc}") from exc
+    finally:
+        store.close()
 
 
 def images_waiting(store: StateStore, embedder_id: str | None) -> dict[str, int]:
