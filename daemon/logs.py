@@ -113,7 +113,7 @@ def configure_logging(
     level: str = "info", fmt: str = "auto", stream: TextIO | None = None
 ) -> None:
     stream = stream if stream is not None else sys.stdout
-    use_json = fmt == "json" or (fmt == "auto" and not _isatty(stream))
+    use_json = fmt == "json" or (fmt == "auto" and not is_tty(stream))
     fd = _fileno(stream)
     journal = fd is not None and journal_stream_matches(fd)
     _STATE.fd, _STATE.journal = (fd if fd is not None else 2), journal
@@ -128,7 +128,7 @@ def configure_logging(
         final: list[Any] = [structlog.processors.dict_tracebacks,
                             structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+        renderer = structlog.dev.ConsoleRenderer(colors=is_tty(stream))
         final = [renderer]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -230,7 +230,9 @@ def _fileno(stream: TextIO) -> int | None:
         return None
 
 
-def _isatty(stream: TextIO) -> bool:
+def is_tty(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal; False for a closed, replaced or fake stream (a test's
+    StringIO, a stream whose ``isatty`` raises), never an exception."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

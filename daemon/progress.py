@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from daemon.logs import is_tty
+
 #: how often a progress record is logged off a terminal
 PROGRESS_INTERVAL_SECONDS = 10.0
 _SPINNER = "|/-\\"
@@ -100,7 +102,7 @@ def progress(event: str, *, unit: str, desc: str, stream: TextIO | None = None,
              ) -> Iterator[ProgressReporter]:
     """One bar (or progress records) for the block; console logging goes through the bar."""
     out = stream if stream is not None else sys.stderr
-    reporter = ProgressReporter(event, unit=unit, desc=desc, tty=_isatty(out), stream=out,
+    reporter = ProgressReporter(event, unit=unit, desc=desc, tty=is_tty(out), stream=out,
                                 interval_seconds=interval_seconds)
     with _logs_through_bars(reporter.tty):
         try:
@@ -114,7 +116,7 @@ def phase(label: str, *, stream: TextIO | None = None) -> Iterator[None]:
     """A spinner line with the elapsed time on a terminal while the block runs (the model
     load); nothing extra off a terminal, where the block's own log records say it."""
     out = stream if stream is not None else sys.stderr
-    if not _isatty(out):
+    if not is_tty(out):
         yield
         return
     from tqdm import tqdm
@@ -150,9 +152,3 @@ def _logs_through_bars(active: bool) -> Iterator[None]:
     with logging_redirect_tqdm():
         yield
 
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

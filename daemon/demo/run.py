@@ -38,7 +38,7 @@ from typing import Any, NoReturn, TextIO
 from daemon.demo.sample import write_sample_project
 from daemon.demo.tour import print_tour, trigger_result
 from daemon.fsutil import atomic_write_text
-from daemon.logs import configure_logging
+from daemon.logs import configure_logging, is_tty
 from daemon.service import Service
 from daemon.settings import Settings, load_settings
 
@@ -158,7 +158,7 @@ class Conductor:
         self.out = out
         self.log_path = log_path
         self.config = config
-        self.tty = _isatty(out)
+        self.tty = is_tty(out)
         self.step = "the daemon's first pass"
         self.outcome = "running"  # done, cap, stopped, crashed
         self.error: str | None = None
@@ -434,12 +434,6 @@ class Conductor:
                 out.append(name)
         return out
 
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _columns() -> int:
