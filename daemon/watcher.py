@@ -4,7 +4,14 @@ Events are wake-ups: what happened is decided later by queries against the state
 look at the file.  ``X.db-wal`` and ``X.db-journal`` mean ``X.db`` changed (a WAL commit touches
 only the WAL); ``-shm``, dot-files and temp files are ignored; a move is classified by its
 destination (and its source, which has just lost a file).  Open/close-without-write events are
-dropped, so trainingd's own read-only opens never wake it up.  A handler that raised would kill
+dropped, so trainingd's own read-only opens never wake it up; on inotify they are not even
+subscribed to (``WATCHED_EVENTS``): the decode threads open every image they embed and the
+validator opens the decision DB on every commit, and each open cost two events parsed and
+dispatched in Python on the observer's threads, competing with the decode threads for the CPU
+and the GIL.  A folder's "modified" event (inotify sends one for the parent of every file
+created, moved, deleted or closed after a write) is not news either: the file's own event says
+what changed, while classifying it as a folder change rescanned the whole project (every image
+under its roots) several times a second while rows arrived.  A handler that raised would kill
 the observer thread silently; the service's health tick checks the observer anyway.
 """
 
@@ -27,6 +34,16 @@ _TEMP_SUFFIXES = (".tmp", ".part", ".swp", "~", ".crdownload")
 # opened/closed_no_write/attrib are what a reader causes (ours included: a read-only SQLite open
 # touches -wal and -shm attributes); every real write also produces "modified"
 _IGNORED_EVENTS = {"opened", "closed_no_write", "attrib"}
+
+
+def watched_events() -> list[Any]:
+    """The watchdog event classes the observer asks for (its inotify mask follows them):
+    everything but opens and closes without a write."""
+    from watchdog import events as ev
+
+    return [ev.FileCreatedEvent, ev.DirCreatedEvent, ev.FileModifiedEvent, ev.DirModifiedEvent,
+            ev.FileMovedEvent, ev.DirMovedEvent, ev.FileDeletedEvent, ev.DirDeletedEvent,
+            ev.FileClosedEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +88,10 @@ def classify(path: str, plan: WatchPlan, *, is_directory: bool = False,
         for root, project in plan.image_roots.items():
             if p == root or root in p.parents:
                 if is_directory:
+                    # a folder created, moved or deleted: rescan; its listing changed
+                    # ("modified"): the file event that changed it is classified on its own
+                    if event_type == "modified":
+                        return None
                     return Task("scan", project, paths=frozenset({path}))
                 suffix = p.suffix.lower()
                 if suffix == ".decision":
@@ -135,7 +156,8 @@ class Watcher:
         handler = _make_handler(self.plan, self.put)
         for folder, recursive in self.plan.folders():
             if folder.is_dir():
-                self.observer.schedule(handler, str(folder), recursive=recursive)
+                self.observer.schedule(handler, str(folder), recursive=recursive,
+                                       event_filter=watched_events())
                 self.watched.append(str(folder))
             else:
                 log.warning("watcher.folder_missing", folder=str(folder),

@@ -52,7 +52,8 @@ class TestClassify:
         assert classify(sidecar, plan) == Task("sidecar", "mojo3", paths=frozenset({sidecar}))
         assert classify(image, plan) == Task("image", "mojo3", paths=frozenset({image}))
         assert classify(str(root / "x.yaml"), plan) is None
-        assert classify(str(root / "sub"), plan, is_directory=True) == Task(
+        assert classify(str(root / "sub"), plan, is_directory=True,
+                        event_type="created") == Task(
             "scan", "mojo3", paths=frozenset({str(root / "sub")}))
 
     def test_trigger_files(self, plan: WatchPlan) -> None:
