@@ -11,7 +11,7 @@ import os
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,7 @@ class LineIssue:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "project": self.project,
-                "code": self.code, "severity": self.severity, "field": self.field,
-                "value_repr": self.value_repr, "message": self.message}
+        return asdict(self)
 
 
 @dataclass
@@ -100,7 +98,7 @@ class FileSummary:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 @dataclass
