@@ -164,13 +164,13 @@ ALLOWED = {
     "daemon/sqlite_ro.py": "the read-only connection factory itself (source DBs)",
     "daemon/decisions/reader.py": "reads upstream decision DBs, never the state DB",
     "daemon/decisions/schema.py": "creates and inspects upstream-format decision DBs",
-    "daemon/backfill/run.py": "writes new v3 decision DBs and its own scratch DB",
+    "daemon/backfill/run.py": "writes its own scratch DB (cross-line state, issue lists)",
+    "daemon/backfill/options.py": "reads the issue lists back from the run's scratch DB",
+    "daemon/backfill/output.py": "writes new v3 decision DBs (upstream format)",
     "daemon/sample.py": "writes demo decision DBs (upstream format)",
     "daemon/simulator.py": "plays the upstream reviewer writing its decision DB",
     "daemon/demo/sample.py": "writes demo decision DBs (upstream format)",
     "daemon/demo/simulator.py": "plays the upstream reviewer writing its decision DB",
-    "daemon/service.py": "ROLLBACK of a transaction left open at shutdown (the writer's own "
-                         "connection; lanes helper)",
     "daemon/training/audit.py": "token ledger: store.training.token_day/add_tokens are ready; "
                                 "the file is being reworked for issue 12, move it then",
     "daemon/training/dataset.py": "one read of row_state; the file is being reworked for "
