@@ -8,7 +8,9 @@ that makes two groups the same evidence:
   copied into a second project's DB, or the same files reviewed again under a new group_id,
   land in one unit;
 * a near-duplicate image: cosine of the two embeddings >= ``training.near_duplicate_cosine``
-  (default 0.97), found by :func:`near_duplicate_pairs`.
+  (default 0.97), found by :func:`near_duplicate_pairs` with the similarity room's ANN index
+  (:mod:`daemon.similar`: one index, one threshold for the split, the report and
+  ``trainingd similar``).
 
 A unit's side is a stable hash of ``(seed, unit id)`` where the unit id is its smallest member
 key (``"project/group_id"``), so a unit never moves while data grows *unless two units merge*:
@@ -37,16 +39,18 @@ from typing import Any, Literal
 
 import numpy as np
 
+from daemon.similar.index import AnnIndex
+from daemon.similar.pairs import PairSearch, knn_pairs
+
 Side = Literal["train", "validation", "test"]
 SIDES: tuple[Side, ...] = ("train", "validation", "test")
 SPLIT_RULE = ("unit = union of groups sharing an image content hash or a near-duplicate "
               "embedding; u = sha256(f'{seed}:{smallest member key}') as a fraction; "
               "test if u < test_fraction or a member's project is in holdout_projects, "
               "validation if u < test_fraction + validation_fraction, else train")
-EXACT_SEARCH_LIMIT = 20_000  # vectors: above this the search is LSH-bucketed (see below)
-LSH_BITS = 20  # ~200k/2**20 random neighbours per bucket: few candidates per table
-LSH_TABLES = 32  # so a pair at 0.97 is still missed with probability <= 1e-3
-LARGE_BUCKET = 256  # members: above this a bucket is checked with a Gram matrix
+EXACT_SEARCH_LIMIT = 20_000  # vectors: above this the search uses the ANN index (see below)
+LSH_BITS = 20  # the former LSH search's shape, kept for lsh_miss_bound's callers (train_bench)
+LSH_TABLES = 32
 
 
 def group_key(project: str, group_id: str) -> str:
@@ -129,102 +133,37 @@ def lsh_miss_bound(threshold: float, bits: int = LSH_BITS, tables: int = LSH_TAB
     return float((1 - agree**bits) ** tables)
 
 
-def _lsh_codes(x: np.ndarray, seed: int, rows_per_chunk: int = 8192) -> np.ndarray:
-    """``(n, LSH_TABLES)`` bucket codes: one matmul per row chunk hashes every table at once."""
-    n, dim = x.shape
-    rng = np.random.default_rng(seed)
-    planes = rng.standard_normal((dim, LSH_TABLES * LSH_BITS)).astype(np.float32)
-    weights = (1 << np.arange(LSH_BITS, dtype=np.int64))
-    codes = np.empty((n, LSH_TABLES), dtype=np.int64)
-    for s in range(0, n, rows_per_chunk):
-        signs = (x[s:s + rows_per_chunk] @ planes) > 0
-        codes[s:s + rows_per_chunk] = signs.reshape(-1, LSH_TABLES, LSH_BITS) @ weights
-    return codes
-
-
-def _bucket_pairs(order: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Every within-bucket pair of the sorted ``order`` as ``min*n + max`` keys, vectorised."""
-    sizes = ends - starts
-    pos = np.repeat(starts, sizes) + (np.arange(int(sizes.sum())) -
-                                      np.repeat(np.cumsum(sizes) - sizes, sizes))
-    after = np.repeat(ends, sizes) - pos - 1  # partners later in the same bucket
-    a_pos = np.repeat(pos, after)
-    b_pos = a_pos + 1 + (np.arange(int(after.sum())) - np.repeat(np.cumsum(after) - after, after))
-    a, b = order[a_pos], order[b_pos]
-    n = len(order)
-    keys: np.ndarray = np.minimum(a, b) * n + np.maximum(a, b)
-    return keys
-
-
-def _check_keys(x: np.ndarray, keys: np.ndarray, threshold: float,
-                chunk: int = 1 << 18) -> list[np.ndarray]:
-    """Exact cosine of candidate pairs (row-wise dot products, in chunks); keeps the true ones."""
-    n = len(x)
-    out: list[np.ndarray] = []
-    for s in range(0, len(keys), chunk):
-        k = keys[s:s + chunk]
-        a, b = k // n, k % n
-        sims = np.einsum("ij,ij->i", x[a], x[b])
-        hit = sims >= threshold
-        if hit.any():
-            out.append(np.stack([a[hit], b[hit]], axis=1))
-    return out
-
-
-def _lsh_pairs(x: np.ndarray, threshold: float, block: int, seed: int) -> list[np.ndarray]:
-    """Candidates from ``LSH_TABLES`` sign-projection tables, each checked exactly.
-
-    Buckets up to ``LARGE_BUCKET`` members (nearly all of them) enumerate their pairs in one
-    vectorised step and all tables' candidates are deduplicated before one batched check;
-    larger buckets (clustered data) are checked with a bucket-local Gram matrix instead of
-    materialising their quadratic pair list."""
-    n = len(x)
-    codes = _lsh_codes(x, seed)
-    out: list[np.ndarray] = []
-    pending: list[np.ndarray] = []
-    pending_size = 0
-    for t in range(LSH_TABLES):
-        order = np.argsort(codes[:, t], kind="stable")
-        sorted_codes = codes[order, t]
-        starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        ends = np.r_[starts[1:], n]
-        sizes = ends - starts
-        small = (sizes >= 2) & (sizes <= LARGE_BUCKET)
-        if small.any():
-            keys = _bucket_pairs(order, starts[small], ends[small])
-            pending.append(keys)
-            pending_size += len(keys)
-        for s, e in zip(starts[sizes > LARGE_BUCKET], ends[sizes > LARGE_BUCKET], strict=True):
-            members = np.sort(order[s:e])
-            for b in range(0, len(members), block):
-                out += _pairs_in_block(x, members[b:b + block], members[b:], threshold,
-                                       upper_only=True)
-        if pending_size > 1 << 23 or (t == LSH_TABLES - 1 and pending):
-            out += _check_keys(x, np.unique(np.concatenate(pending)), threshold)
-            pending, pending_size = [], 0
-    return out
-
-
 def near_duplicate_pairs(vectors: np.ndarray, threshold: float, *, block: int = 2048,
-                         exact_limit: int = EXACT_SEARCH_LIMIT, seed: int = 0) -> np.ndarray:
+                         exact_limit: int = EXACT_SEARCH_LIMIT, seed: int = 0,
+                         index: AnnIndex | None = None, stats: PairSearch | None = None
+                         ) -> np.ndarray:
     """``(k, 2)`` index pairs ``i < j`` whose cosine is >= ``threshold``.
 
     Rows are L2-normalised here.  Up to ``exact_limit`` vectors: blocked brute force (exact).
-    Above: sign-random-projection LSH (``LSH_TABLES`` tables of ``LSH_BITS`` bits), every
-    candidate checked exactly, so no false pair is ever returned; a true pair is missed with
-    probability <= :func:`lsh_miss_bound` (9e-4 at 0.97).  Content-hash duplicates are joined
-    separately and never depend on this search."""
+    Above: the similarity room's ANN index (:func:`daemon.similar.pairs.knn_pairs`: k nearest
+    neighbours per vector, k widened while the k-th is still a near duplicate, every candidate
+    checked exactly), the same index and threshold ``trainingd similar`` and the inspection
+    report use; ``index`` is that index when the caller holds one (row ``i`` under key ``i``).
+    No false pair is ever returned; the measured recall is in Documents/SIMILARITY.md.
+    Content-hash duplicates are joined separately and never depend on this search.  ``seed``
+    is kept for callers of the former LSH search (HNSW builds are deterministic enough)."""
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim != 2 or len(x) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    found = _exact_pairs(x, threshold, block) if len(x) <= exact_limit \
-        else _lsh_pairs(x, threshold, block, seed)
+    if len(x) > exact_limit:
+        return knn_pairs(x, threshold, index=index, stats=stats)
+    found = _exact_pairs(x, threshold, block)
+    if stats is not None:
+        stats.vectors, stats.method = len(x), "exact"
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.concatenate(found).astype(np.int64)
-    return np.unique(pairs, axis=0)
+    out: np.ndarray = np.unique(pairs, axis=0)
+    if stats is not None:
+        stats.pairs = len(out)
+    return out
 
 
 # -- units ----------------------------------------------------------------------------------------
@@ -314,10 +253,10 @@ def build_units(groups: Sequence[GroupImages], *, cosine: float, seed: int,
         if len(dims) == 1:
             x = np.concatenate(vec_rows)
             # identical vectors (the same bytes reviewed twice) are joined without the search
-            pairs = near_duplicate_pairs(x, cosine, exact_limit=exact_limit, seed=seed)
-            search["method"] = "exact" if len(x) <= exact_limit else "lsh"
-            if len(x) > exact_limit:
-                search["miss_bound"] = lsh_miss_bound(cosine)
+            st = PairSearch()
+            pairs = near_duplicate_pairs(x, cosine, exact_limit=exact_limit, seed=seed,
+                                         stats=st)
+            search.update(method=st.method, widened=st.widened, exact_rows=st.exact_rows)
             vg = np.asarray(vec_group, dtype=np.int64)
             for a, b in pairs:
                 ga, gb = int(vg[a]), int(vg[b])

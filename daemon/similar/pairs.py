@@ -1,0 +1,149 @@
+"""Near-duplicate pairs from the ANN index: k nearest neighbours per vector, an exact cosine
+check, and k widened for every vector whose k-th neighbour is still close to the threshold, so a
+dense cluster of near duplicates is listed whole.
+
+A pair (i, j) is found when j is among i's neighbours or i among j's; a vector whose neighbour
+list is still full of near duplicates at ``MAX_K`` is compared with every vector exactly (blocked
+matrix products), so the widening never silently stops.  HNSW links inside a tight cluster are
+pruned (its neighbour heuristic keeps few links between points that are close to each other),
+so a widened search can still miss members of a dense cluster: every connected set of found
+pairs that holds a widened vector is therefore completed by an exact check within the set.
+No pair is ever returned that the exact float32 cosine does not confirm.  The measured recall
+against exact search (random and clustered vectors) is printed by ``bench/similar_bench.py``
+and stated in Documents/SIMILARITY.md.
+Pure numpy plus the index; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from daemon.similar.index import AnnIndex
+
+FIRST_K = 16  # neighbours asked per vector; most vectors have no near duplicate at all
+MAX_K = 256  # above this the row is checked against every vector exactly
+WIDEN = 4
+#: the index stores float16; its cosine may read this much low, so a k-th neighbour this close
+#: below the threshold still widens the search
+SLACK = 0.01
+
+
+@dataclass
+class PairSearch:
+    """What one search did, for logs, reports and the bench."""
+
+    vectors: int = 0
+    method: str = "ann"
+    widened: int = 0  # rows searched again with a larger k
+    exact_rows: int = 0  # rows compared with every vector (their cluster exceeded MAX_K)
+    completed: int = 0  # vectors in dense connected sets completed by an exact check
+    pairs: int = 0
+
+
+def _confirmed(x: np.ndarray, rows: np.ndarray, keys: np.ndarray, threshold: float,
+               chunk: int = 1 << 18) -> list[np.ndarray]:
+    a = np.repeat(rows, keys.shape[1])
+    b = keys.reshape(-1)
+    keep = (b >= 0) & (b != a)
+    a, b = a[keep], b[keep]
+    out: list[np.ndarray] = []
+    for s in range(0, len(a), chunk):
+        aa, bb = a[s:s + chunk], b[s:s + chunk]
+        hit = np.einsum("ij,ij->i", x[aa], x[bb]) >= threshold
+        if hit.any():
+            out.append(np.stack([np.minimum(aa[hit], bb[hit]), np.maximum(aa[hit], bb[hit])],
+                                axis=1))
+    return out
+
+
+def _exact_rows(x: np.ndarray, rows: np.ndarray, threshold: float, block: int = 256
+                ) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for s in range(0, len(rows), block):
+        r = rows[s:s + block]
+        i, j = np.nonzero(x[r] @ x.T >= threshold)
+        a, b = r[i], j
+        keep = a != b
+        if keep.any():
+            out.append(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])],
+                                axis=1))
+    return out
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected-component label (its smallest row) of every row, by min-label propagation."""
+    labels = np.arange(n)
+    a, b = pairs[:, 0], pairs[:, 1]
+    while True:
+        before = labels.copy()
+        np.minimum.at(labels, a, labels[b])
+        np.minimum.at(labels, b, labels[a])
+        labels = labels[labels]
+        if np.array_equal(labels, before):
+            return labels
+
+
+def _complete_dense(x: np.ndarray, pairs: np.ndarray, dense: np.ndarray, threshold: float,
+                    st: PairSearch) -> list[np.ndarray]:
+    """Exact pairs within every connected set of found pairs that holds a widened row."""
+    labels = _components(len(x), pairs)
+    out: list[np.ndarray] = []
+    for root in np.unique(labels[dense]):
+        members = np.flatnonzero(labels == root)
+        if len(members) < 2:
+            continue
+        st.completed += len(members)
+        for s in range(0, len(members), 1024):
+            r = members[s:s + 1024]
+            i, j = np.nonzero(x[r] @ x[members].T >= threshold)
+            a, b = r[i], members[j]
+            keep = a < b
+            if keep.any():
+                out.append(np.stack([a[keep], b[keep]], axis=1))
+    return out
+
+
+def knn_pairs(x: np.ndarray, threshold: float, *, index: AnnIndex | None = None,
+              first_k: int = FIRST_K, max_k: int = MAX_K,
+              stats: PairSearch | None = None) -> np.ndarray:
+    """``(p, 2)`` sorted unique pairs ``i < j`` of rows of the unit-vector matrix ``x`` whose
+    cosine is >= ``threshold``.  ``index`` holds row ``i`` of ``x`` under key ``i`` (built here
+    when not given)."""
+    st = stats if stats is not None else PairSearch()
+    n = len(x)
+    st.vectors = n
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    if index is None:
+        index = AnnIndex(x.shape[1])
+        index.add(np.arange(n), x)
+    found: list[np.ndarray] = []
+    dense: list[np.ndarray] = []
+    rows = np.arange(n)
+    k = min(first_k, n)
+    while len(rows):
+        nb = index.search(x[rows], k)
+        found += _confirmed(x, rows, nb.keys, threshold)
+        if k >= n:
+            break
+        # the k-th neighbour is still a (possible) near duplicate: there may be more
+        full = nb.sims[:, -1] >= threshold - SLACK
+        rows = rows[full]
+        if len(rows) and k * WIDEN > max_k:
+            st.exact_rows += len(rows)
+            found += _exact_rows(x, rows, threshold)
+            break
+        st.widened += len(rows)
+        dense.append(rows)
+        k = min(n, k * WIDEN)
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+    if dense:
+        extra = _complete_dense(x, pairs, np.unique(np.concatenate(dense)), threshold, st)
+        if extra:
+            pairs = np.unique(np.concatenate([pairs, *extra]).astype(np.int64), axis=0)
+    st.pairs = len(pairs)
+    return pairs

@@ -1,0 +1,140 @@
+"""The similarity index on disk, keyed by content hash, one per embedder, next to the cache.
+
+``<cache_dir>/similar/<embedder slug>/ann.npz`` holds three arrays in one file written through
+:mod:`daemon.fsutil` (temp, fsync, replace: a reader never sees half an index): ``hashes`` (the
+content hash of key ``i``), ``index`` (the serialised HNSW graph) and ``meta`` (JSON: embedder
+id, dim, library).  The index is *derived* from the vector cache, never the truth: on open it
+adds every cached vector it lacks (a crash between an embed batch and a save loses nothing),
+and a file of another embedder, another dimension, or one that cannot be read is rebuilt from
+the cache rather than trusted.  A new embedder id has its own folder, so its index is built
+anew.  This room never writes into the cache's own folders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from daemon.embedding.cache import VectorCache, embedder_slug
+from daemon.fsutil import atomic_write_bytes
+from daemon.similar.index import LIBRARY, AnnIndex
+
+log = structlog.get_logger("similar")
+FOLDER = "similar"
+FILE_NAME = "ann.npz"
+
+
+def index_path(cache_dir: Path, embedder_id: str) -> Path:
+    return cache_dir / FOLDER / embedder_slug(embedder_id) / FILE_NAME
+
+
+class SimilarIndex:
+    """The ANN index over one embedder's cached vectors, under their content hashes."""
+
+    def __init__(self, cache: VectorCache) -> None:
+        self.cache = cache
+        self.path = index_path(cache.root, cache.embedder_id)
+        self.hashes: list[str] = []
+        self.key_of: dict[str, int] = {}
+        self.ann: AnnIndex | None = None
+        self.dirty = False
+        self.saved_at = time.monotonic()
+
+    @classmethod
+    def open(cls, cache: VectorCache, *, sync: bool = True) -> SimilarIndex:
+        """Load the saved index (or start empty) and add what the cache holds beyond it."""
+        out = cls(cache)
+        out._load()
+        if sync:
+            out.sync()
+        return out
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                hashes = [h.decode() for h in z["hashes"].tolist()]
+                raw = z["index"].tobytes()
+            if meta.get("embedder_id") != self.cache.embedder_id:
+                raise ValueError(f"made for embedder {meta.get('embedder_id')!r}")
+            ann = AnnIndex.from_bytes(raw, int(meta["dim"]))
+            if len(ann) != len(hashes):
+                raise ValueError(f"{len(ann)} vectors but {len(hashes)} hashes")
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile,
+                EOFError) as exc:
+            log.warning("similar.index_rebuilt", path=str(self.path), reason=str(exc)[:300])
+            return
+        self.hashes, self.ann = hashes, ann
+        self.key_of = {h: i for i, h in enumerate(hashes)}
+
+    def sync(self) -> int:
+        """Add every cached vector the index lacks; returns how many were added."""
+        missing = [p.stem for p in self.cache.iter_vector_files() if p.stem not in self.key_of]
+        added = 0
+        for s in range(0, len(missing), 4096):
+            items = []
+            for sha in missing[s:s + 4096]:
+                try:
+                    items.append((sha, self.cache.load(sha)))
+                except (OSError, ValueError) as exc:  # a damaged .npy: `embed --verify` says so
+                    log.warning("similar.vector_unreadable", sha256=sha, error=str(exc)[:200])
+            added += self.add(items)
+        return added
+
+    def add(self, items: Sequence[tuple[str, np.ndarray]]) -> int:
+        """Add vectors under their content hashes (known hashes are skipped)."""
+        fresh = [(sha, v) for sha, v in dict(items).items() if sha not in self.key_of]
+        if not fresh:
+            return 0
+        x = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for _, v in fresh])
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        if self.ann is None:
+            self.ann = AnnIndex(x.shape[1])
+        if x.shape[1] != self.ann.dim:
+            raise ValueError(f"vector dim {x.shape[1]} != index dim {self.ann.dim}")
+        start = len(self.hashes)
+        self.ann.add(np.arange(start, start + len(fresh)), x)
+        for i, (sha, _) in enumerate(fresh):
+            self.hashes.append(sha)
+            self.key_of[sha] = start + i
+        self.dirty = True
+        return len(fresh)
+
+    def neighbours(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most similar cached vectors: ``(content hash, cosine)``, best first."""
+        if self.ann is None or not len(self):
+            return []
+        v = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+        nb = self.ann.search(v, k)
+        return [(self.hashes[int(key)], round(float(sim), 6))
+                for key, sim in zip(nb.keys[0], nb.sims[0], strict=True) if key >= 0]
+
+    def save(self) -> Path:
+        """Write the index whole (temp file, fsync, replace) when it changed."""
+        if self.ann is not None and self.dirty:
+            buf = io.BytesIO()
+            meta = {"embedder_id": self.cache.embedder_id, "dim": self.ann.dim,
+                    "library": LIBRARY, "vectors": len(self)}
+            np.savez(buf, meta=np.array(json.dumps(meta)),
+                     hashes=np.array([h.encode() for h in self.hashes], dtype="S64"),
+                     index=np.frombuffer(self.ann.to_bytes(), dtype=np.uint8))
+            atomic_write_bytes(self.path, buf.getvalue())
+            self.dirty = False
+            log.info("similar.index_saved", path=str(self.path), vectors=len(self),
+                     bytes=buf.tell())
+        self.saved_at = time.monotonic()
+        return self.path
