@@ -47,6 +47,7 @@ from daemon.files import DELETE_STAGING_FOLDERS, is_image_name
 from daemon.images import parse_stage
 from daemon.records import ImageCandidate, Issue
 from daemon.settings import Settings
+from daemon.similar.live import vectors_written
 from daemon.store import StateStore
 from daemon.timeparse import iso_utc
 
@@ -265,6 +266,7 @@ class EmbeddingStage:
             vectors = _normalized(emb.embed(batch), len(fresh), emb.dim)
         t1 = time.perf_counter()
         cache.write_vectors(list(zip(fresh, vectors, strict=True)))
+        vectors_written(cache, list(zip(fresh, vectors, strict=True)))  # similarity index
         files, vec_rows, entries, issues = self._rows(outcomes, fresh, now)
         cache.append_index(entries)  # after the vectors: an index line never names a missing file
         self.ledger.record(files, vec_rows, now, emb.embedder_id)
