@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     add_embed_parser(sub, common)
     add_train_parser(sub, common)
     add_summary_parser(sub, common)
+    from daemon.similar.cli import add_similar_parser
+
+    add_similar_parser(sub, common)
     from daemon.models_cli import add_models_parser
 
     add_models_parser(sub, common)
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "status": cmd_status, "models": cmd_models,
                "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill,
                "embed": cmd_embed, "train": cmd_train, "summary": cmd_summary,
-               "export": cmd_export,
+               "export": cmd_export, "similar": cmd_similar,
                "predict": cmd_predict}[args.command]
     try:
         return handler(args, settings)
@@ -351,6 +354,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.models_cli import cmd_models as run
+
+    return run(args, settings)
+
+
+def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
+    from daemon.similar.cli import cmd_similar as run
 
     return run(args, settings)
 
