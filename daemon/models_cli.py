@@ -100,7 +100,45 @@ def models_document(settings: Settings) -> dict[str, Any]:
     for kind in dropin.KINDS:
         rows = [version_row(kind, m) for m in registry.all_metadata(settings.models_dir, kind)]
         out["kinds"][kind] = {"champion": registry.champion_version(settings.models_dir, kind),
-                              "versions": rows, "reviewer": dropin.describe(target, kind)}
+                              "versions": rows, "reviewer": describe(target, kind)}
+    return out
+
+
+def describe(t: dropin.Target, kind: str) -> dict[str, Any]:
+    """What the reviewer has for ``kind``: version, whether the file on disk is the one trainingd
+    put there (sha256), and the backups a rollback can use."""
+    path = t.path(kind)
+    out: dict[str, Any] = {"file": str(path), "folder_exists": t.folder.is_dir(),
+                           "export_enabled": t.enabled, "version": None, "sha256": None,
+                           "state": "folder missing", "backups": []}
+    if not out["folder_exists"]:
+        return out
+    try:
+        disk = dropin.file_sha256(path)
+    except OSError as exc:
+        out["state"] = f"unreadable: {exc}"
+        return out
+    entry = dropin.read_ledger(t.models_dir)[kind]
+    states = dropin.effective_states(entry, disk)
+    last = states[-1] if states else None
+    out["sha256"] = disk
+    if disk is None:
+        out["state"] = "missing (the reviewer uses rules only)" if not states else \
+            "missing: removed outside trainingd (the reviewer uses rules only)"
+    elif last is None or last.get("sha256") != disk:
+        out["state"] = "not trainingd's (before trainingd)" if last is None else \
+            "changed outside trainingd"
+    elif last.get("version") is None:
+        out["state"] = f"not trainingd's ({last.get('origin')})"
+    else:
+        out["version"] = last["version"]
+        out["state"] = "matches (rolled back)" if "restored_at" in last else "matches"
+        out["exported_at"] = last.get("at")
+    out["backups"] = sorted(p.name for p in t.backups.glob(f"{t.names[kind]}.*.bak")) \
+        if t.backups.is_dir() else []
+    out["can_roll_back"] = any(dropin.backup_exists(t, s) and s.get("sha256") != disk
+                               for s in states[:-1])
+    out["can_undo"] = any(dropin.backup_exists(t, s) for s in entry["rolled_back"])
     return out
 
 

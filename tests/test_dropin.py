@@ -457,3 +457,62 @@ class TestUmask:
         assert len(files) >= 5
         for f in files:
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+LOOP = """
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from daemon.settings import load_settings
+from tests.test_dropin import promote
+s = load_settings(Path(sys.argv[1]))
+s.models_dir.mkdir(parents=True, exist_ok=True)
+v = 0
+while True:
+    v += 1
+    promote(s, "ranker", v, datetime(2026, 12, 1, 15, 0, tzinfo=UTC) + timedelta(seconds=v))
+"""
+
+
+class TestKilledMidway:
+    """An export killed with SIGKILL at any moment never makes trainingd's own file look
+    foreign, and the next export leaves no temp file and metadata that matches the file."""
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("seed", [1, 2, 3])
+    def test_kill_during_exports(self, settings: Settings, seed: int) -> None:
+        """Kill a process exporting in a loop at a random moment; then the listing says the
+        file is trainingd's, and one more export cleans up and matches."""
+        import random
+        import signal
+        import time
+
+        from daemon.models_cli import describe
+
+        settings.models_dir.mkdir(parents=True)
+        cfg = settings.base_dir / "loop.toml"
+        cfg.write_text(f'[paths]\ndata_root = "{settings.data_root}"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRAININGD_")}
+        child = subprocess.Popen([sys.executable, "-c", LOOP, str(cfg), str(REPO)], env=env,
+                                 cwd=settings.base_dir)
+        try:
+            ledger = settings.models_dir / dropin.LEDGER
+            deadline = time.monotonic() + 120
+            while not ledger.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ledger.exists(), "the child never exported"
+            time.sleep(random.Random(seed).uniform(0.0, 1.5))  # the moment of the kill
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        target = dropin.target(settings)
+        assert describe(target, "ranker")["state"] in ("matches", "missing"), seed
+        promote(settings, "ranker", 10_000, T0 + timedelta(days=1))
+        after = describe(target, "ranker")
+        assert (after["state"], after["version"]) == ("matches", 10_000)
+        meta = json.loads(target.meta_path("ranker").read_text())
+        assert meta["sha256"] == dropin.file_sha256(target.path("ranker"))
+        leftovers = [*target.folder.glob(".ranker_v3_w10.*.tmp"), *target.backups.glob(".*")]
+        assert leftovers == []
+        assert "pending" not in dropin.read_ledger(settings.models_dir)["ranker"]

@@ -24,7 +24,7 @@ flight, ``pending``: the chain as it will be.  The ledger is written with ``pend
 file is replaced and without it after, so a process killed in between is finished by the next
 export or rollback (the file on disk says how far it got).  Nothing here deletes a file that is
 not a backup past the cap, and a file found changed outside trainingd is backed up before
-anything replaces it.  Listing (:func:`describe`) never writes.
+anything replaces it.  The listing (``daemon.models_cli.describe``) only reads.
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.files import open_regular_file, sha256_stream
-from daemon.fsutil import atomic_write_bytes, atomic_write_text
+from daemon.fsutil import (
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_abandoned_temps,
+    remove_unheld,
+)
 from daemon.timeparse import iso_utc
 
 if TYPE_CHECKING:
@@ -168,9 +173,18 @@ def _settle(t: Target, kind: str, entry: dict[str, Any], now: datetime) -> str |
     """Finish an interrupted change, then make ``states[-1]`` describe the file on disk (a file
     changed outside trainingd, or the reviewer's own before trainingd's first export, becomes
     a state of its own, backed up so nothing is ever lost).  Returns the file's sha256."""
+    # temp files of ours a killed export or rollback left (never another tool's)
+    mine = (t.names[kind], t.meta_path(kind).name)
+    remove_unheld([p for n in mine for p in t.folder.glob(f".{n}.*.tmp")])
+    remove_abandoned_temps(t.backups)
     disk = file_sha256(t.path(kind))
     entry["states"] = effective_states(entry, disk)
-    entry.pop("pending", None)
+    pending = entry.pop("pending", None)
+    if isinstance(pending, dict) and entry["states"] == pending.get("states"):
+        # killed after the file was replaced: our metadata may still describe the old one
+        want = pending.get("meta") if isinstance(pending.get("meta"), dict) else None
+        if _read_json(t.meta_path(kind)) != want:
+            _write_meta(t, kind, want)
     states = entry["states"]
     if disk is not None and (not states or states[-1].get("sha256") != disk):
         origin = "before trainingd" if not states else "changed outside trainingd"
@@ -179,12 +193,12 @@ def _settle(t: Target, kind: str, entry: dict[str, Any], now: datetime) -> str |
         if origin != "before trainingd":
             log.warning("dropin.changed_outside", kind=kind, file=str(t.path(kind)),
                         sha256=disk)
-    if disk is not None and not _backup_exists(t, states[-1]):
+    if disk is not None and not backup_exists(t, states[-1]):
         states[-1]["backup"] = _back_up(t, kind, now, disk)
     return disk
 
 
-def _backup_exists(t: Target, state: dict[str, Any]) -> bool:
+def backup_exists(t: Target, state: dict[str, Any]) -> bool:
     name = state.get("backup")
     return isinstance(name, str) and (t.backups / name).is_file()
 
@@ -222,19 +236,23 @@ def _place(t: Target, kind: str, data: bytes, meta: dict[str, Any] | None) -> li
     """Atomically put ``data`` where the reviewer loads it, and our metadata beside it (or
     none, for a file that is not trainingd's)."""
     atomic_write_bytes(t.path(kind), data)
+    _write_meta(t, kind, meta)
+    return [t.path(kind), t.meta_path(kind)] if meta is not None else [t.path(kind)]
+
+
+def _write_meta(t: Target, kind: str, meta: dict[str, Any] | None) -> None:
     if meta is not None:
         atomic_write_text(t.meta_path(kind), json.dumps(meta, indent=2, sort_keys=True,
                                                         default=str) + "\n")
     else:
         t.meta_path(kind).unlink(missing_ok=True)
-    return [t.path(kind), t.meta_path(kind)] if meta is not None else [t.path(kind)]
 
 
 def _commit(t: Target, kind: str, ledger: dict[str, Any], states: list[dict[str, Any]],
             data: bytes, meta: dict[str, Any] | None) -> list[Path]:
     """Ledger with ``pending``, then the file, then the ledger without it."""
     entry = ledger[kind]
-    entry["pending"] = {"states": states}
+    entry["pending"] = {"states": states, "meta": meta}
     _write_ledger(t.models_dir, ledger)
     written = _place(t, kind, data, meta)
     entry["states"] = states
@@ -338,7 +356,7 @@ def rollback(t: Target, kind: str, now: datetime, *, undo: bool = False,
         disk = _settle(t, kind, entry, now)
         states: list[dict[str, Any]] = entry["states"]
         if undo:
-            redo = [s for s in entry["rolled_back"] if _backup_exists(t, s)]
+            redo = [s for s in entry["rolled_back"] if backup_exists(t, s)]
             if not redo:
                 _write_ledger(t.models_dir, ledger)
                 return Outcome(1, f"no rollback of {kind} to undo")
@@ -348,7 +366,7 @@ def rollback(t: Target, kind: str, now: datetime, *, undo: bool = False,
                                     "undone_at": iso_utc(now)}]
         else:
             earlier = [i for i in range(len(states) - 1)
-                       if _backup_exists(t, states[i]) and states[i].get("sha256") != disk]
+                       if backup_exists(t, states[i]) and states[i].get("sha256") != disk]
             if not earlier:
                 _write_ledger(t.models_dir, ledger)
                 why = "no earlier file was kept" if states else "trainingd never replaced it"
@@ -369,43 +387,3 @@ def rollback(t: Target, kind: str, now: datetime, *, undo: bool = False,
              version=goal.get("version"), sha256=goal.get("sha256"))
     return Outcome(0, f"the reviewer now has {who} again ({t.path(kind)}, from {name})",
                    written, goal.get("version"))
-
-
-# -- the listing (never writes) ------------------------------------------------------------------
-
-def describe(t: Target, kind: str) -> dict[str, Any]:
-    """What the reviewer has for ``kind``: version, whether the file on disk is the one trainingd
-    put there (sha256), and the backups a rollback can use."""
-    path = t.path(kind)
-    out: dict[str, Any] = {"file": str(path), "folder_exists": t.folder.is_dir(),
-                           "export_enabled": t.enabled, "version": None, "sha256": None,
-                           "state": "folder missing", "backups": []}
-    if not out["folder_exists"]:
-        return out
-    try:
-        disk = file_sha256(path)
-    except OSError as exc:
-        out["state"] = f"unreadable: {exc}"
-        return out
-    entry = read_ledger(t.models_dir)[kind]
-    states = effective_states(entry, disk)
-    last = states[-1] if states else None
-    out["sha256"] = disk
-    if disk is None:
-        out["state"] = "missing (the reviewer uses rules only)" if not states else \
-            "missing: removed outside trainingd (the reviewer uses rules only)"
-    elif last is None or last.get("sha256") != disk:
-        out["state"] = "not trainingd's (before trainingd)" if last is None else \
-            "changed outside trainingd"
-    elif last.get("version") is None:
-        out["state"] = f"not trainingd's ({last.get('origin')})"
-    else:
-        out["version"] = last["version"]
-        out["state"] = "matches (rolled back)" if "restored_at" in last else "matches"
-        out["exported_at"] = last.get("at")
-    out["backups"] = sorted(p.name for p in t.backups.glob(f"{t.names[kind]}.*.bak")) \
-        if t.backups.is_dir() else []
-    out["can_roll_back"] = any(_backup_exists(t, s) and s.get("sha256") != disk
-                               for s in states[:-1])
-    out["can_undo"] = any(_backup_exists(t, s) for s in entry["rolled_back"])
-    return out
