@@ -328,6 +328,23 @@ _CODES: tuple[Code, ...] = (
          "vector at all the group gets no prediction.",
          "Fix or restore the image (the embedding issue on the same file says what is wrong); "
          "the group is predicted again when the image's bytes change."),
+    # -- embedding exports (daemon/export): the row is left out of the export, the rest goes --
+    Code("export_vector_missing", "warning", "export",
+         "The state DB records a vector whose `.npy` file is gone from the cache.",
+         "Run `trainingd embed --verify`, then `trainingd embed`; the next export adds the row."),
+    Code("export_vector_unreadable", "warning", "export",
+         "The cache file cannot be read (no permission, a folder, FIFO or device in its place).",
+         "Fix its permissions or remove it and run `trainingd embed`; the next export adds it."),
+    Code("export_vector_damaged", "warning", "export",
+         "The cache file is not a whole `.npy` (truncated, or not a numpy file).",
+         "Run `trainingd embed --verify` to find the damaged files, then `trainingd embed`."),
+    Code("export_vector_shape", "warning", "export",
+         "The cache file holds another dtype or length than the embedder's float32 vectors "
+         "(or the state DB records another dimension).",
+         "The file is not this embedder's: remove it and run `trainingd embed`."),
+    Code("export_vector_not_unit", "warning", "export",
+         "The cached vector is not L2-normalised or not finite (every cached vector is).",
+         "The file is damaged: `trainingd embed --verify`, then `trainingd embed`."),
 )
 
 CODES: dict[str, Code] = {c.code: c for c in _CODES}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from daemon.codes import CODES
 from daemon.export.layout import ExportRefused
 from daemon.export.run import ExportBusy, _folder_lock, export_embeddings
 from daemon.settings import Settings
@@ -339,6 +340,7 @@ class TestBadVectors:
         skipped = result.skipped[0]
         assert (skipped.code, skipped.project, skipped.path) == (code, project, path)
         assert skipped.message
+        assert CODES[code].room == "export"
         assert_export_equals(out, {k: v for k, v in images.items() if k != (project, path)})
 
 

@@ -169,31 +169,24 @@ def _read_chunk(chunk: Sequence[ExportRow], reader: VectorReader, result: Export
                 ) -> tuple[list[ExportRow], np.ndarray]:
     """The chunk's vectors; rows whose vector is missing or damaged become skips."""
     block = np.empty((len(chunk), reader.dim), dtype=np.float32)
-    kept: list[ExportRow] = []
-    for row in chunk:
-        if row.dim != reader.dim:
-            result.skip(Skipped("export_vector_shape", row.sha256, row.project, row.path,
-                                repr(row.dim), f"the ledger records dim {row.dim}; this "
-                                f"export's vectors have {reader.dim}"))
-            continue
-        got = reader.read(row.sha256)
-        if isinstance(got, tuple):
-            result.skip(Skipped(got[0], row.sha256, row.project, row.path, got[1], got[2]))
-            continue
-        block[len(kept)] = got
-        kept.append(row)
-    block = block[: len(kept)]
-    bad = bad_norms(block)
-    if bad.size:
-        for i in bad.tolist():
-            code, value, message = not_unit(reader.path(kept[i].sha256), block, i)
-            result.skip(Skipped(code, kept[i].sha256, kept[i].project, kept[i].path, value,
-                                message))
-        keep = np.ones(len(kept), dtype=bool)
-        keep[bad] = False
-        kept = [r for r, k in zip(kept, keep.tolist(), strict=True) if k]
-        block = block[keep]
-    return kept, block
+    problems = reader.read_into([r.sha256 for r in chunk], block)
+    for i, r in enumerate(chunk):
+        if r.dim != reader.dim:
+            problems.append((i, "export_vector_shape", repr(r.dim),
+                             f"the ledger records dim {r.dim}; this export's vectors have "
+                             f"{reader.dim}"))
+    bad = {p[0] for p in problems}
+    for i in bad_norms(block).tolist():
+        if i not in bad:
+            problems.append((i, *not_unit(reader.path(chunk[i].sha256), block, i)))
+    if not problems:
+        return list(chunk), block
+    for i, code, value, message in sorted(problems):
+        r = chunk[i]
+        result.skip(Skipped(code, r.sha256, r.project, r.path, value, message))
+    keep = np.ones(len(chunk), dtype=bool)
+    keep[[p[0] for p in problems]] = False
+    return [r for r, k in zip(chunk, keep.tolist(), strict=True) if k], block[keep]
 
 
 def _open_folder(out: Path, embedder_id: str, fmt: str, scope: list[str] | None

@@ -115,19 +115,15 @@ class ShardWriter:
         if self.first_key is None:
             self.first_key = rows[0].key
         self.last_key = rows[-1].key
-        for r in rows:
-            if r.sha256 != self._last_sha:
-                self.distinct_hashes += 1
-                self._last_sha = r.sha256
+        sha, project, path, name, stage, width, height, _ = zip(*rows, strict=True)
+        self.distinct_hashes += len(set(sha)) - (sha[0] == self._last_sha)
+        self._last_sha = sha[-1]
         pa = self._pa
         columns: list[Any] = [
-            pa.array([r.path for r in rows], pa.string()),
-            pa.array([r.sha256 for r in rows], pa.string()),
-            pa.array([r.project for r in rows], pa.string()),
-            pa.array([r.file_name for r in rows], pa.string()),
-            pa.array([r.stage for r in rows], pa.float64()),
-            pa.array([r.width for r in rows], pa.int32()),
-            pa.array([r.height for r in rows], pa.int32()),
+            pa.array(path, pa.string()), pa.array(sha, pa.string()),
+            pa.array(project, pa.string()), pa.array(name, pa.string()),
+            pa.array(stage, pa.float64()), pa.array(width, pa.int32()),
+            pa.array(height, pa.int32()),
             pa.array([self.embedder_id] * len(rows), pa.string()),
         ]
         block = np.ascontiguousarray(vectors, dtype=np.float32)

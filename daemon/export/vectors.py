@@ -1,10 +1,12 @@
 """Cached vectors read for an export, fast, and refused when damaged.
 
 Why not ``np.load`` per file: a million small ``.npy`` files cost ~40 s through ``np.load``
-(header parsing, a file object per call); the cache writes every vector with one fixed header
-(:func:`daemon.embedding.cache.vector_bytes`), so the bytes are read with one ``os.read`` and
-the header compared to the expected one.  A file with any other header goes through
-``np.load`` (another numpy may pad differently) and is then checked like the rest.
+(header parsing, a file object per call).  The cache writes every vector with one fixed header
+(:func:`daemon.embedding.cache.vector_bytes`), so each file is read with one ``os.read`` into
+its row of the chunk and the header compared to the expected one; a few threads read at once
+(``os.read`` releases the GIL, so a cold cache on a disk gets a queue of reads).  A file with
+any other header goes through ``np.load`` (another numpy may pad differently), after a check
+that it is a regular file (a FIFO would block it).
 
 A vector that is missing, unreadable, of another shape or dtype, non-finite or not unit length
 is not exported: it becomes a :class:`Skipped` with a code and a sentence, never an exception
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,9 @@ from daemon.embedding.cache import VectorCache, vector_bytes
 
 #: a cached vector's norm may differ from 1 by float32 rounding, never by more
 NORM_TOLERANCE = 1e-3
+READ_THREADS = 4
+#: (row index in the chunk, code, repr of what was found, sentence)
+Problem = tuple[int, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,59 +53,83 @@ class Skipped:
 class VectorReader:
     """Vectors of one embedder from its cache folder, as float32 rows of ``dim``."""
 
-    def __init__(self, cache: VectorCache, dim: int) -> None:
+    def __init__(self, cache: VectorCache, dim: int, threads: int = READ_THREADS) -> None:
         self._cache = cache
         self.dim = dim
+        self._folder = str(cache.folder)
         self._header = vector_bytes(np.zeros(dim, dtype=np.float32))[: -4 * dim]
         self._size = len(self._header) + 4 * dim
+        self._threads = threads
 
     def path(self, sha: str) -> Path:
         return self._cache.vector_path(sha)
 
-    def read(self, sha: str) -> np.ndarray | tuple[str, str, str]:
-        """The vector (its norm is checked per chunk: :func:`bad_norms`), or ``(code, repr of
-        what was found, sentence)``."""
-        path = self._cache.vector_path(sha)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return ("export_vector_missing", repr(str(path)),
-                    "the ledger names a vector whose cache file is gone: run "
-                    "`trainingd embed --verify`, then `trainingd embed`, and export again")
-        except OSError as exc:
-            return ("export_vector_unreadable", repr(str(exc)),
-                    f"cannot open the cache file {path}: check its permissions")
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                # a FIFO or device in the cache would block or never end a read
-                return ("export_vector_unreadable", repr(str(path)),
-                        f"the cache file {path} is not a regular file: remove it and run "
-                        "`trainingd embed` again")
-            data = os.read(fd, self._size + 1)
-        except OSError as exc:
-            return ("export_vector_unreadable", repr(str(exc)),
-                    f"cannot read the cache file {path} (a folder or device in its place?)")
-        finally:
-            os.close(fd)
-        if len(data) == self._size and data.startswith(self._header):
-            vec = np.frombuffer(data, dtype=np.float32, offset=len(self._header))
-        else:
-            loaded = self._load_slow(path)
-            if isinstance(loaded, tuple):
-                return loaded
-            vec = loaded
-        return vec
+    def read_into(self, shas: Sequence[str], block: np.ndarray) -> list[Problem]:
+        """Fill ``block[i]`` with the vector of ``shas[i]``; the rows that could not be read,
+        with why (their rows of ``block`` are garbage).  Norms are checked by the caller in
+        one pass (:func:`bad_norms`)."""
+        n = len(shas)
+        step = -(-n // self._threads) if n else 1
+        if self._threads <= 1 or n < 256:
+            return self._read_range(shas, block, 0, n)
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="export-read") as pool:
+            parts = pool.map(lambda lo: self._read_range(shas, block, lo, min(n, lo + step)),
+                             range(0, n, step))
+            return [p for part in parts for p in part]
 
-    def _load_slow(self, path: Path) -> np.ndarray | tuple[str, str, str]:
+    def _read_range(self, shas: Sequence[str], block: np.ndarray, lo: int, hi: int
+                    ) -> list[Problem]:
+        problems: list[Problem] = []
+        folder, header, size, hlen = self._folder, self._header, self._size, len(self._header)
+        raw = block.view(np.uint8).reshape(len(block), -1)
+        flags = os.O_RDONLY | os.O_NONBLOCK
+        for i in range(lo, hi):
+            sha = shas[i]
+            name = f"{folder}/{sha[:2]}/{sha}.npy"
+            try:
+                fd = os.open(name, flags)
+            except FileNotFoundError:
+                problems.append((i, "export_vector_missing", repr(name),
+                                 "the ledger names a vector whose cache file is gone: run "
+                                 "`trainingd embed --verify`, then `trainingd embed`, and "
+                                 "export again"))
+                continue
+            except OSError as exc:
+                problems.append((i, "export_vector_unreadable", repr(str(exc)),
+                                 f"cannot open the cache file {name}: check its permissions"))
+                continue
+            try:
+                data = os.read(fd, size + 1)
+                if len(data) == size and data.startswith(header):
+                    raw[i] = np.frombuffer(data, dtype=np.uint8, offset=hlen)
+                    continue
+                found = self._read_slow(fd, name)
+            except OSError as exc:
+                found = ("export_vector_unreadable", repr(str(exc)),
+                         f"cannot read the cache file {name} (a folder in its place?)")
+            finally:
+                os.close(fd)
+            if isinstance(found, tuple):
+                problems.append((i, *found))
+            else:
+                block[i] = found
+        return problems
+
+    def _read_slow(self, fd: int, name: str) -> np.ndarray | tuple[str, str, str]:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            # a FIFO or device in the cache would block np.load or never end
+            return ("export_vector_unreadable", repr(name),
+                    f"the cache file {name} is not a regular file: remove it and run "
+                    "`trainingd embed` again")
         try:
-            vec = np.load(path, allow_pickle=False)
+            vec = np.load(name, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             return ("export_vector_damaged", repr(str(exc)[:200]),
-                    f"the cache file {path} is not a whole .npy: run `trainingd embed "
+                    f"the cache file {name} is not a whole .npy: run `trainingd embed "
                     "--verify` to find the damaged files")
         if vec.dtype != np.float32 or vec.shape != (self.dim,):
             return ("export_vector_shape", repr((str(vec.dtype), vec.shape)),
-                    f"the cache file {path} holds {vec.dtype} {vec.shape}, the embedder's "
+                    f"the cache file {name} holds {vec.dtype} {vec.shape}, the embedder's "
                     f"vectors are float32 ({self.dim},): the file is not this embedder's")
         return np.asarray(vec)
 
