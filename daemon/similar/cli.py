@@ -101,8 +101,9 @@ def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
     log.info("similar.answered", sha256=sha, k=args.k, found=len(found), vectors=len(index))
-    doc: dict[str, Any] = {"query": target, "sha256": sha, "embedder_id": embedder_id, "vectors": len(index),
-           "neighbours": [{"sha256": s, "cosine": c, "files": files[s]} for s, c in found]}
+    doc: dict[str, Any] = {
+        "query": target, "sha256": sha, "embedder_id": embedder_id, "vectors": len(index),
+        "neighbours": [{"sha256": s, "cosine": c, "files": files[s]} for s, c in found]}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

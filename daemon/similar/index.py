@@ -77,9 +77,14 @@ class AnnIndex:
         if self._index.expansion_search < k:
             self._index.expansion_search = k
         m = self._index.search(q, k, threads=threads())
-        keys = np.asarray(m.keys, dtype=np.int64).reshape(len(q), -1)
-        sims = 1.0 - np.asarray(m.distances, dtype=np.float64).reshape(len(q), -1)
-        counts = np.asarray(m.counts).reshape(len(q))
+        keys = np.full((len(q), k), -1, dtype=np.int64)
+        sims = np.full((len(q), k), -np.inf)
+        got_keys = np.asarray(m.keys, dtype=np.int64).reshape(len(q), -1)
+        got_dist = np.asarray(m.distances, dtype=np.float64).reshape(len(q), -1)
+        keys[:, :got_keys.shape[1]] = got_keys
+        sims[:, :got_dist.shape[1]] = 1.0 - got_dist
+        # one query answers a Matches (no counts): its arrays hold only what it found
+        counts = np.asarray(getattr(m, "counts", [got_keys.shape[1]])).reshape(len(q))
         pad = np.arange(keys.shape[1])[None, :] >= counts[:, None]
         keys[pad] = -1
         sims[pad | ~np.isfinite(sims)] = -np.inf
