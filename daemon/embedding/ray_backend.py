@@ -140,7 +140,7 @@ class EmbedActor:
 
     def __init__(self, cfg: EmbeddingSettings, weights_path: str | None,
                  hf_cache_dir: str | None, model_config: dict[str, Any] | None,
-                 embedder_id: str) -> None:
+                 embedder_id: str, cpu_threads: int = 0) -> None:
         from daemon.embedding.model import load_embedder
 
         if model_config is not None:  # a config registered at runtime on the driver only
@@ -150,6 +150,12 @@ class EmbedActor:
         self.embedder = load_embedder(
             cfg, weights_path=Path(weights_path) if weights_path else None,
             hf_cache_dir=Path(hf_cache_dir) if hf_cache_dir else None)
+        if cpu_threads and self.embedder.device == "cpu":
+            import torch
+
+            # Ray sets OMP_NUM_THREADS to the actor's one CPU; the model on a CPU-only box
+            # wants its share of cores (the decode tasks share them, as the local path's do)
+            torch.set_num_threads(cpu_threads)
         if self.embedder.embedder_id != embedder_id:
             raise EmbeddingError(
                 f"a Ray worker built embedder {self.embedder.embedder_id!r}, the driver "
@@ -267,16 +273,19 @@ def _dataset(planned: list[Job], stage: EmbeddingStage, emb: Embedder,
         fn_kwargs={"image_size": side, "jpeg_draft": cfg.jpeg_draft,
                    "max_image_pixels": cfg.max_image_pixels,
                    "spng": stage.png_decoder is not None, "transform": _transform_of(emb)})
-    actor_args = {
+    actor_args: dict[str, Any] = {
         "cfg": cfg,
         "weights_path": str(settings.resolve(cfg.weights_path)) if cfg.weights_path else None,
         "hf_cache_dir": str(settings.resolve(cfg.hf_cache_dir)) if cfg.hf_cache_dir else None,
         "model_config": _model_config(cfg.model), "embedder_id": emb.embedder_id}
-    # one actor per GPU; without GPUs one CPU actor per four cores leaves the rest to decoding
-    placement: dict[str, Any] = ({"num_gpus": 1, "concurrency": gpus} if gpus
-                                 else {"num_cpus": 1, "concurrency": max(1, cpus // 4)})
+    # one actor per GPU; without GPUs one CPU actor per eight cores, each running the model
+    # on its share of them (decode tasks share the cores, as the local path's threads do)
+    actors = gpus or max(1, cpus // 8)
+    placement: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    actor_args["cpu_threads"] = 0 if gpus else max(1, cpus // actors)
     return ds.map_batches(EmbedActor, fn_constructor_kwargs=actor_args,
-                          batch_size=cfg.batch_size, batch_format="numpy", **placement)
+                          batch_size=cfg.batch_size, batch_format="numpy", concurrency=actors,
+                          **placement)
 
 
 def _outcomes(batch: dict[str, np.ndarray], planned: list[Job]) -> list[Outcome]:
