@@ -3,8 +3,9 @@ holds, which version is champion, and what the reviewer really has, checked by s
 the file on disk.  Parsing and printing only: the work is :mod:`daemon.training.dropin`.
 
 The listing never writes (no ledger, no lock, no folder is created).  Exit codes: 0 listed, or
-rolled back; 1 nothing to roll back (or to undo); 78 configuration (the reviewer's folder is
-missing, a bad config.toml).  Nothing here imports torch.
+rolled back; 1 nothing to roll back (or to undo); 74 the reviewer's file or folder could not be
+read or written (a FIFO or folder in its place, a read-only folder); 78 configuration (the
+reviewer's folder is missing, a bad config.toml).  Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 from daemon.settings import Settings
 from daemon.training import dropin, registry
+
+#: sysexits.h EX_IOERR: the reviewer's file or folder could not be read or written
+EXIT_IO = 74
 
 
 def add_models_parser(subparsers: Any, common_parent: argparse.ArgumentParser
@@ -56,8 +60,12 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
     def sync(data: bytes, meta: dict[str, Any] | None) -> None:
         registry.sync_reviewer_copy(settings.models_dir, args.kind, data, meta)
 
-    out = dropin.rollback(dropin.target(settings), args.kind, datetime.now(UTC), undo=args.undo,
-                          on_restore=sync)
+    try:
+        out = dropin.rollback(dropin.target(settings), args.kind, datetime.now(UTC),
+                              undo=args.undo, on_restore=sync)
+    except OSError as exc:  # the file in place is not a regular file, a folder is read-only
+        out = dropin.Outcome(EXIT_IO, f"cannot roll back {args.kind}: {type(exc).__name__}: "
+                             f"{exc}; nothing was changed that a rerun would not finish")
     if args.json:
         json.dump({"exit_code": out.code, "message": out.message, "version": out.version,
                    "written": [str(p) for p in out.written]}, sys.stdout, indent=2)

@@ -363,6 +363,38 @@ class TestChangesOutsideTrainingd:
         assert doc["kinds"]["ranker"]["reviewer"]["state"] == "folder missing"
 
 
+class TestHostileFiles:
+    """Something other than a model file where the reviewer's file should be."""
+
+    def test_a_fifo_in_place_fails_the_export_not_the_promotion(self, settings: Settings
+                                                                ) -> None:
+        """ranker_v3_w10.pt is a FIFO: nothing blocks, the FIFO is left as it is, the export is
+        logged as failed, the champion still moves, the listing says unreadable, a rollback
+        exits 74 with a sentence."""
+        settings.models_dir.mkdir(parents=True)
+        fifo = settings.reviewer_dir / "ranker_v3_w10.pt"
+        os.mkfifo(fifo)
+        with capture_logs() as logs:
+            promote(settings, "ranker", 1)
+        assert registry.champion_version(settings.models_dir, "ranker") == 1
+        assert stat.S_ISFIFO(fifo.lstat().st_mode)
+        failed = [e for e in logs if e["event"] == "dropin.export_failed"]
+        assert failed and "FIFO" in failed[0]["error"]
+        doc = json.loads(cli(settings, "models", "--json").stdout)
+        assert doc["kinds"]["ranker"]["reviewer"]["state"].startswith("unreadable")
+        done = cli(settings, "models", "rollback", "ranker")
+        assert done.returncode == 74 and "cannot roll back ranker" in done.stderr
+
+    def test_a_damaged_ledger_is_read_without_failing(self, settings: Settings) -> None:
+        """A ledger whose states are not objects: the listing and the next export go on."""
+        settings.models_dir.mkdir(parents=True)
+        (settings.models_dir / dropin.LEDGER).write_text(
+            '{"ranker": {"states": [1, "x", null], "rolled_back": 7}}')
+        promote(settings, "ranker", 1)
+        doc = json.loads(cli(settings, "models", "--json").stdout)
+        assert doc["kinds"]["ranker"]["reviewer"]["state"] == "matches"
+
+
 class TestNames:
     """The reviewer's names and trainingd's registry never collide."""
 

@@ -133,7 +133,12 @@ def read_ledger(models_dir: Path) -> dict[str, Any]:
         entry = data.get(kind)
         if not isinstance(entry, dict) or not isinstance(entry.get("states"), list):
             data[kind] = {"states": [], "rolled_back": []}
-        data[kind].setdefault("rolled_back", [])
+        entry = data[kind]
+        # a hand-edited or damaged ledger: keep only what has the shape of a state
+        entry["states"] = [s for s in entry["states"] if isinstance(s, dict)]
+        rolled = entry.get("rolled_back")
+        entry["rolled_back"] = [s for s in rolled if isinstance(s, dict)] \
+            if isinstance(rolled, list) else []
     return data
 
 
