@@ -66,3 +66,9 @@ class NotEnoughDataError(TrainingError):
 
 class StoreError(DaemonError):
     """The daemon's own state DB failed; fatal for the process."""
+
+
+class StoreRebuiltError(DaemonError):
+    """The state DB was healed (moved aside and rebuilt) while a pass that read from the old one
+    was still writing: what it would write next (a checkpoint above rows the new DB never saw)
+    is refused, and the reconcile queued by the heal derives it again from scratch."""

@@ -170,9 +170,9 @@ class Pipeline:
         return Validated(tuple(results))
 
     def _validate(self, src: ProjectSource, *, full: bool = False,
-                  hints: frozenset[str] = frozenset()) -> ProjectResult:
+                  hints: frozenset[str] = frozenset(), verify: bool = False) -> ProjectResult:
         self.progress.beat(f"validating {src.project}")
-        result = self.validator.validate_project(src, full=full, hints=hints)
+        result = self.validator.validate_project(src, full=full, hints=hints, verify=verify)
         names = self.validator.take_checked_images(src.project)
         if names:
             # images of rows just checked are embedded first: their losers are deleted soon
@@ -371,7 +371,7 @@ class Pipeline:
         for src in discover_projects(self.settings):
             if should_stop():
                 return Reconciled(tuple(validated), scanned, stopped=True)
-            validated.append(self._validate(src))
+            validated.append(self._validate(src, verify=True))
         for project, cfg in self.settings.projects.items():
             if should_stop():
                 return Reconciled(tuple(validated), scanned, stopped=True)

@@ -48,7 +48,7 @@ from daemon.decisions.checks import (
 )
 from daemon.decisions.reader import Row, SourceReader
 from daemon.decisions.schema import REQUIRED_COLUMNS, is_live_db_name, project_name_from_db
-from daemon.errors import SchemaError, SourceBusyError, StoreError
+from daemon.errors import SchemaError, SourceBusyError, StoreError, StoreRebuiltError
 from daemon.records import Finding, Issue, ProjectResult, SchemaReport
 from daemon.settings import Settings
 from daemon.store.db import SCHEMA_KEY, Checkpoint, RowState, StateStore
@@ -169,21 +169,29 @@ class Validator:
     # -- public ---------------------------------------------------------------------------------
 
     def validate_all(
-        self, *, full: bool = False, only: Sequence[str] | None = None
+        self, *, full: bool = False, only: Sequence[str] | None = None, verify: bool = False
     ) -> list[ProjectResult]:
         sources = discover_projects(self.settings)
         if only:
             wanted = set(only)
             sources = [s for s in sources if s.project in wanted]
-        return [self.validate_project(s, full=full) for s in sources]
+        return [self.validate_project(s, full=full, verify=verify) for s in sources]
 
     def validate_project(
-        self, source: ProjectSource, *, full: bool = False, hints: Iterable[str] = ()
+        self, source: ProjectSource, *, full: bool = False, hints: Iterable[str] = (),
+        verify: bool = False,
     ) -> ProjectResult:
+        """``verify`` (the reconcile pass): also prove the checkpoint covers exactly the rows the
+        state DB holds for the project, and reconcile in full when it does not."""
         started = time.perf_counter()
         project, db_file = source.project, str(source.db_path)
         try:
-            result = self._validate_source(source, full=full, hints=hints)
+            result = self._validate_source(source, full=full, hints=hints, verify=verify)
+        except StoreRebuiltError as exc:
+            # the heal queued a reconcile, which derives this project again from scratch
+            log.warning("validation.pass_abandoned", project=project, db=db_file,
+                        reason=str(exc), action="the reconcile queued by the heal redoes it")
+            return ProjectResult(project, db_file, "skipped", "rebuilt", reason=str(exc))
         except StoreError:
             raise  # our own state DB: no project can be validated without it
         except Exception as exc:  # a bug met on this project's data: the next project goes on
@@ -202,7 +210,7 @@ class Validator:
     # -- engine ---------------------------------------------------------------------------------
 
     def _validate_source(
-        self, source: ProjectSource, *, full: bool, hints: Iterable[str]
+        self, source: ProjectSource, *, full: bool, hints: Iterable[str], verify: bool
     ) -> ProjectResult:
         project, db_file = source.project, str(source.db_path)
         if not os.path.lexists(source.db_path):
@@ -218,7 +226,8 @@ class Validator:
             return self._unreadable(project, db_file, str(exc.__cause__ or exc))
         try:
             with reader:
-                return self._validate_open(reader, project, db_file, full=full, hints=hints)
+                return self._validate_open(reader, project, db_file, full=full, hints=hints,
+                                           verify=verify)
         except SourceBusyError as exc:
             log.warning("validation.source_busy", project=project, db=db_file, error=str(exc))
             return ProjectResult(project, db_file, "skipped", "busy", reason=str(exc))
@@ -286,11 +295,15 @@ class Validator:
 
     def _validate_open(
         self, reader: SourceReader, project: str, db_file: str, *, full: bool,
-        hints: Iterable[str],
+        hints: Iterable[str], verify: bool = False,
     ) -> ProjectResult:
+        # everything this pass writes is derived from what it reads now: a heal of the state DB
+        # in between (another thread) makes its next write raise StoreRebuiltError, so a stale
+        # checkpoint never lands in the new DB above rows it never saw
+        gen = self.store.generation
         now = self.clock()
         schema = reader.schema
-        with self.store.transaction():
+        with self.store.transaction(generation=gen):
             # PROJECT_KEY: a failure of an earlier pass is over once a pass gets this far again
             self.store.replace_issues(
                 project, [SCHEMA_KEY, PROJECT_KEY],
@@ -310,7 +323,7 @@ class Validator:
         )
         images = self._checked_images.setdefault(project, set()) if self.collect_images else None
         run = _Run(self.store, reader, project, db_file, ctx, now, v.chunk_rows, images,
-                   progress=self.progress)
+                   progress=self.progress, generation=gen)
         cp = self.store.checkpoint(project)
         min_rowid, max_rowid, count = reader.snapshot()
         inode = _inode(reader.path)
@@ -318,6 +331,11 @@ class Validator:
         force = full or (cp is not None and (cp.rules_version != RULES_VERSION
                                              or cp.schema_fingerprint != schema.fingerprint))
         reason = self._reconcile_reason(cp, reader, inode, max_rowid, now, force)
+        if reason is None and verify and cp is not None:
+            held = self.store.row_figures(project)["validated"]
+            if held != cp.row_count:
+                reason = (f"the state DB holds {held} rows of this project but its checkpoint "
+                          f"covers {cp.row_count}")
         base = Checkpoint(
             project=project, db_path=db_file, db_inode=inode, schema_kind=schema.kind,
             schema_fingerprint=schema.fingerprint, rules_version=RULES_VERSION,
@@ -336,7 +354,7 @@ class Validator:
                      recheck_all=force)
             base = run.full(base, max_rowid, force=force)
         probes = tuple(sorted(reader.group_ids_at([min_rowid, max_rowid]).items()))
-        with self.store.transaction():
+        with self.store.transaction(generation=gen):
             self.store.put_checkpoint(replace(base, probes=probes, last_checked_at=iso_utc(now)))
         counts = self.store.issue_counts(project)
         return ProjectResult(
@@ -377,8 +395,10 @@ class _Run:
     def __init__(self, store: StateStore, reader: SourceReader, project: str, db_file: str,
                  ctx: CheckContext, now: datetime, chunk_rows: int,
                  images: set[str] | None = None, *,
-                 progress: Callable[[], None] | None = None) -> None:
+                 progress: Callable[[], None] | None = None, generation: int | None = None
+                 ) -> None:
         self.store, self.reader, self.project, self.db_file = store, reader, project, db_file
+        self.generation = generation
         self.progress = progress
         self.ctx, self.now, self.chunk_rows = ctx, now, chunk_rows
         self.images = images
@@ -430,7 +450,7 @@ class _Run:
                       for k, _ in keyed if k in known}
             self._apply(keyed, states, force=force, checkpoint=marker)
         gone = sorted(set(known) - seen)
-        with self.store.transaction():
+        with self.store.transaction(generation=self.generation):
             if gone:
                 gids = [g for g in gone if not g.startswith("#")]
                 self.store.delete_rows(self.project, gone)
@@ -507,7 +527,7 @@ class _Run:
                             int(is_pending_crop(row))))
             checked_keys.append(key)
         self.tally.checked += len(checked_keys)
-        with self.store.transaction():
+        with self.store.transaction(generation=self.generation):
             if upserts:
                 self.store.upsert_rows(self.project, upserts, self.now)
                 # only rows the store held before can have issues to replace

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.errors import StoreError
+from daemon.errors import StoreError, StoreRebuiltError
 from daemon.fsutil import atomic_write_text
 from daemon.sqlite_ro import connect_read_only
 from daemon.store.damage import (
@@ -85,6 +85,9 @@ class StateStore(RowTables):
         #: held by every transaction and by :meth:`heal`, which swaps the connection
         self._lock = threading.RLock()
         self._identity: tuple[int, int] | None = None
+        #: bumped by every :meth:`heal`: a pass that began before it must not write into the
+        #: new DB what it derived from the old one (:meth:`transaction` ``generation=``)
+        self.generation = 0
         #: why the store must be healed, once a statement met corruption
         self.problem: str | None = None
         #: the rooms' tables, each behind its repository (SQL lives in this package only)
@@ -193,6 +196,7 @@ class StateStore(RowTables):
             moved = move_aside(self.path, "corrupt" if corrupt else "orphaned", main=corrupt)
             self.problem = None
             self._identity = None
+            self.generation += 1
             adopted = reason == "replaced"
             try:
                 self._open_writable(check=True)
@@ -255,10 +259,18 @@ class StateStore(RowTables):
         return applied
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, generation: int | None = None) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back, and so does a
-        ``COMMIT`` that fails (disk full), so no transaction is ever left open behind it."""
+        ``COMMIT`` that fails (disk full), so no transaction is ever left open behind it.
+
+        ``generation``: the :attr:`generation` the caller read its inputs in; a heal since then
+        raises :class:`StoreRebuiltError` before anything is written (checked under the lock a
+        heal takes, so no heal slips in between the check and the commit)."""
         with self._lock:  # a heal waits for the transaction in flight
+            if generation is not None and generation != self.generation:
+                raise StoreRebuiltError(
+                    f"state DB {self.path} was rebuilt (generation {generation} -> "
+                    f"{self.generation}) while this pass ran")
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
