@@ -237,14 +237,14 @@ class TestReconcile:
                 raise PowerCut("power cut")
             return real(row, ctx)
 
-        monkeypatch.setattr("daemon.validation.check_row", failing)
+        monkeypatch.setattr("daemon.row_pass.check_row", failing)
         validator = Validator(store, small, clock=lambda: NOW)
         with pytest.raises(PowerCut):
             validator.validate_all()
         cp = store.checkpoint("mojo3")
         assert cp is not None and cp.row_count == 200 and cp.max_rowid == 200
         assert store.row_figures("mojo3")["validated"] == 200
-        monkeypatch.setattr("daemon.validation.check_row", real)
+        monkeypatch.setattr("daemon.row_pass.check_row", real)
         result = validator.validate_all()[0]
         assert result.rows_checked == 150
         assert state_snapshot(store) == fresh_state(settings)
