@@ -51,8 +51,10 @@ def ray_processes(marker: str) -> list[int]:
     return found
 
 
-def wait_no_ray_processes(marker: str, timeout_s: float = 60.0) -> list[int]:
-    """Poll until no process names ``marker``; kill (and return) what is left at the end."""
+def wait_no_ray_processes(marker: str, timeout_s: float = 180.0) -> list[int]:
+    """Poll until no process names ``marker``; kill (and return) what is left at the end.
+    After a driver's SIGKILL, Ray's dashboard and runtime-env agents notice their raylet is
+    gone and exit by themselves, about 60-110 s later on a loaded 2-core box."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         left = ray_processes(marker)
