@@ -4,7 +4,9 @@ Everything the data contract (section 5) knows about the legacy logs lives here:
 detection from the header, path reduction to bare file names, the project rules, pixel versus
 normalized boxes, full-frame placeholders, column-shifted rows.  No I/O and no clock: the image
 size lookup arrives as a callable, so this room is tested with plain tables.  Stateful rules
-(duplicates across lines, group_id collisions) live in :mod:`daemon.backfill.run`.
+(duplicates across lines, group_id collisions) live in :mod:`daemon.backfill.run`.  Its
+neighbours hold the path and project rules (:mod:`.projects`), the box rules (:mod:`.boxes`)
+and the line records (:mod:`.lines`); their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from daemon.backfill.boxes import normalize_box
 from daemon.backfill.lines import (
     ConvertContext,
     Converted,
@@ -139,14 +142,6 @@ def _dimension(raw: str | None) -> int | None:
     return int(value)
 
 
-def _number(raw: str) -> float | None:
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def order_by_stage(names: list[str]) -> list[str]:
     """Lowest stage first (stable); a group with an unknown stage keeps its logged order."""
     ranks = [parse_stage(n) for n in names]
@@ -234,37 +229,6 @@ def _base_values(project: str, moment: datetime, images: list[str], index: int,
         "image_width": width, "image_height": height, "selection_match": None,
         "crop_match": None, "ai_crop_accepted": None,
     }
-
-
-BoxResult = tuple[tuple[float, float, float, float], bool]
-
-
-def normalize_box(raw: Sequence[str], width: int, height: int,
-                  full_frame_tolerance: float) -> BoxResult | Note:
-    """A logged box as a normalized one plus "is full frame"; a Note when it cannot be used.
-
-    Any value > 1 means the row holds pixels (detected per row): x by width, y by height.
-    """
-    shown = repr(tuple(raw))
-    nums = [_number(v) for v in raw]
-    if any(v is None for v in nums):
-        return Note("backfill_box_unparseable", "crop_x1", shown,
-                    "a crop coordinate is empty or not a finite number")
-    x1, y1, x2, y2 = (float(v) for v in nums if v is not None)
-    if max(x1, y1, x2, y2) > 1:
-        x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
-    box = (x1, y1, x2, y2)
-    if min(box) < 0 or max(box) > 1:
-        return Note("backfill_box_out_of_range", "crop_x1", shown,
-                    f"the box reaches outside the {width}x{height} image")
-    if x1 > x2 or y1 > y2:
-        return Note("backfill_box_inverted", "crop_x1", shown,
-                    "the box has its corners swapped (x1 > x2 or y1 > y2)")
-    if x1 == x2 or y1 == y2:
-        return Note("backfill_box_empty", "crop_x1", shown, "the box has zero width or height")
-    full = all(abs(v - f) <= full_frame_tolerance
-               for v, f in zip(box, (0.0, 0.0, 1.0, 1.0), strict=True))
-    return box, full
 
 
 # -- per format -----------------------------------------------------------------------------------
