@@ -1,9 +1,10 @@
 """Backfill: turn the legacy CSV logs into NEW v3 decision DBs, with an inspection report first.
 
 Rooms: :mod:`.convert` (pure: one CSV line -> one row or one rejection, with :mod:`.projects`
-for the path and project rules), :mod:`.options` (what is asked, what was found), :mod:`.run`
-(streaming, cross-line state) over :mod:`.inputs` (CSV and image files) and :mod:`.output` (the
-new DBs), and :mod:`.report` (the inspection report).
+for the path and project rules, :mod:`.boxes` for the crop boxes and :mod:`.lines` for the
+records), :mod:`.options` (what is asked, what was found), :mod:`.run` (streaming, cross-line
+state) over :mod:`.inputs` (CSV and image files) and :mod:`.output` (the new DBs), and
+:mod:`.report` (the inspection report).
 It never modifies an input CSV or an existing file.
 """
 
