@@ -27,13 +27,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
-from daemon.embedding.decode import DecodeOptions, Job, Outcome, configure_pillow, prepare
+from daemon.embedding.decode import Job, Outcome
 from daemon.errors import ConfigError, EmbeddingError
 from daemon.records import ImageCandidate
 from daemon.settings import EmbeddingSettings, Settings
@@ -49,10 +48,6 @@ log = structlog.get_logger("embedding")
 
 INSTALL_HINT = ("the Ray backend needs the optional [ray] extra: pip install -e '.[ray]' "
                 "(or pip install 'ray[data]>=2.9'), then run again")
-#: the Outcome fields that travel as columns (the tensor travels as ``pixels``/``vector``)
-_TEXT = ("kind", "sha256", "code", "message", "decoder")
-_INTS = ("size", "mtime_ns", "width", "height")
-_MISSING = -1
 
 
 def ray_installed() -> bool:
@@ -82,99 +77,6 @@ def require_ray() -> None:
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"{INSTALL_HINT} ({exc})") from exc
-
-
-# -- worker side (runs in Ray processes) -------------------------------------------------------
-
-_png_decoder: dict[str, Any] = {}
-
-
-def _worker_png_decoder(wanted: bool) -> Any:
-    if not wanted:
-        return None
-    if "d" not in _png_decoder:
-        from daemon.embedding.spng import load_spng
-
-        _png_decoder["d"] = load_spng()
-    return _png_decoder["d"]
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, jpeg_draft: bool,
-                 max_image_pixels: int, spng: bool, transform: Callable[[Any], torch.Tensor]
-                 ) -> dict[str, np.ndarray]:
-    """A CPU task: read, hash, decode and preprocess each file with the local path's
-    :func:`prepare`.  No cache lookups here (the cache may live on another box): bytes that
-    already have a vector are adopted by the driver's writer, not doubled."""
-    configure_pillow(max_image_pixels)
-    opts = DecodeOptions(image_size, jpeg_draft, max_image_pixels, _worker_png_decoder(spng))
-    outcomes = [prepare(_job(batch, k), opts, _never, transform) for k in range(len(batch["i"]))]
-    shape = next((tuple(o.tensor.shape) for o in outcomes if o.tensor is not None),
-                 (3, image_size, image_size))
-    pixels = np.zeros((len(outcomes), *shape), dtype=np.float32)
-    for k, o in enumerate(outcomes):
-        if o.tensor is not None:
-            pixels[k] = o.tensor.numpy()
-    out: dict[str, np.ndarray] = {"i": np.asarray(batch["i"], dtype=np.int64), "pixels": pixels,
-                                  "decode_ms": np.array([o.decode_ms for o in outcomes])}
-    for name in _TEXT:
-        out[name] = np.array([getattr(o, name) or "" for o in outcomes], dtype=object)
-    for name in _INTS:
-        out[name] = np.array([_MISSING if getattr(o, name) is None else getattr(o, name)
-                              for o in outcomes], dtype=np.int64)
-    return out
-
-
-def _never(sha: str) -> bool:
-    return False
-
-
-def _job(batch: dict[str, np.ndarray], k: int) -> Job:
-    cand = ImageCandidate(str(batch["project"][k]), str(batch["file_name"][k]),
-                          Path(str(batch["path"][k])), int(batch["priority"][k]))
-    failed = str(batch["failed_sha"][k])
-    return Job(cand, failed_sha=failed or None)
-
-
-class EmbedActor:
-    """A Ray actor: the configured model on its device (the GPU Ray gave it, or the CPU)."""
-
-    def __init__(self, cfg: EmbeddingSettings, weights_path: str | None,
-                 hf_cache_dir: str | None, model_config: dict[str, Any] | None,
-                 embedder_id: str, cpu_threads: int = 0) -> None:
-        from daemon.embedding.model import load_embedder
-
-        if model_config is not None:  # a config registered at runtime on the driver only
-            import open_clip
-
-            open_clip.factory._MODEL_CONFIGS.setdefault(cfg.model, model_config)
-        self.embedder = load_embedder(
-            cfg, weights_path=Path(weights_path) if weights_path else None,
-            hf_cache_dir=Path(hf_cache_dir) if hf_cache_dir else None)
-        if cpu_threads and self.embedder.device == "cpu":
-            import torch
-
-            # Ray sets OMP_NUM_THREADS to the actor's one CPU; the model on a CPU-only box
-            # wants its share of cores (the decode tasks share them, as the local path's do)
-            torch.set_num_threads(cpu_threads)
-        if self.embedder.embedder_id != embedder_id:
-            raise EmbeddingError(
-                f"a Ray worker built embedder {self.embedder.embedder_id!r}, the driver "
-                f"{embedder_id!r}: every node needs the same weights file, trainingd and "
-                "open_clip versions")
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        start = time.perf_counter()
-        pixels = batch.pop("pixels")
-        decoded = np.asarray(batch["kind"] == "decoded")
-        vectors = np.zeros((len(decoded), self.embedder.dim), dtype=np.float32)
-        if decoded.any():
-            vectors[decoded] = self.embedder.embed(torch.from_numpy(
-                np.ascontiguousarray(pixels[decoded])))
-        batch["vector"] = vectors
-        batch["infer_ms"] = np.full(len(decoded), (time.perf_counter() - start) * 1000)
-        return batch
 
 
 # -- driver side -------------------------------------------------------------------------------
@@ -251,6 +153,8 @@ def _dataset(planned: list[Job], stage: EmbeddingStage, emb: Embedder,
     import pyarrow as pa
     import ray.data
 
+    from daemon.embedding.ray_workers import EmbedActor, decode_batch
+
     settings, cfg = stage.settings, stage.settings.embedding
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = int(resources.get("GPU", 0))
@@ -291,11 +195,13 @@ def _dataset(planned: list[Job], stage: EmbeddingStage, emb: Embedder,
 def _outcomes(batch: dict[str, np.ndarray], planned: list[Job]) -> list[Outcome]:
     import torch
 
+    from daemon.embedding.ray_workers import INT_FIELDS, MISSING, TEXT_FIELDS
+
     out: list[Outcome] = []
     for k in range(len(batch["i"])):
-        fields: dict[str, Any] = {n: (str(batch[n][k]) or None) for n in _TEXT}
-        fields.update({n: (None if int(batch[n][k]) == _MISSING else int(batch[n][k]))
-                       for n in _INTS})
+        fields: dict[str, Any] = {n: (str(batch[n][k]) or None) for n in TEXT_FIELDS}
+        fields.update({n: (None if int(batch[n][k]) == MISSING else int(batch[n][k]))
+                       for n in INT_FIELDS})
         vector = batch["vector"][k]
         fields["tensor"] = (torch.from_numpy(np.array(vector))
                             if fields["kind"] == "decoded" else None)
