@@ -18,10 +18,11 @@ result says why.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -92,7 +93,7 @@ def present_images(store: StateStore, project: str) -> list[ImageRow]:
 
 
 def is_reviewed(path: str) -> bool:
-    return any(part in REVIEWED_FOLDERS for part in PurePath(path).parts[:-1])
+    return any(part in REVIEWED_FOLDERS for part in os.path.dirname(path).split(os.sep))
 
 
 def find_groups(images: Sequence[ImageRow], *, bulk: bool) -> list[list[ImageRow]]:
@@ -100,7 +101,7 @@ def find_groups(images: Sequence[ImageRow], *, bulk: bool) -> list[list[ImageRow
     folders: dict[str, list[ImageRow]] = {}
     for img in images:
         if bulk or not is_reviewed(img.path):
-            folders.setdefault("" if bulk else str(PurePath(img.path).parent), []).append(img)
+            folders.setdefault("" if bulk else os.path.dirname(img.path), []).append(img)
     out: list[list[ImageRow]] = []
     for key in sorted(folders):
         rows = sorted(folders[key], key=lambda r: (*sort_key(r.file_name), r.path))
@@ -108,12 +109,13 @@ def find_groups(images: Sequence[ImageRow], *, bulk: bool) -> list[list[ImageRow
     return out
 
 
-def group_id_of(project: str, names: Sequence[str]) -> str:
-    """``<project>_group_<first timestamp>_<names digest>``: the upstream's Phase 1A shape
-    (``<project>_group_<timestamp>_<n>``) with a digest of the names in place of a running
-    number, so the same group keeps its id however many other groups appear."""
-    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-    return f"{project}_group_{timestamp_text(names[0]) or 'notime'}_{digest}"
+def group_id_of(project: str, paths: Sequence[str]) -> str:
+    """``<project>_group_<first timestamp>_<paths digest>``: the upstream's Phase 1A shape
+    (``<project>_group_<timestamp>_<n>``) with a digest of the images' paths in place of a
+    running number, so a group keeps its id however many other groups appear, and the same
+    names in two folders are two groups."""
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    return f"{project}_group_{timestamp_text(os.path.basename(paths[0])) or 'notime'}_{digest}"
 
 
 def content_key(group: Sequence[ImageRow]) -> str:
@@ -160,8 +162,7 @@ def predict_project(settings: Settings, store: StateStore, project: str, now: da
         for start in range(0, len(groups), batch_groups):
             batch = groups[start:start + batch_groups]
             beat(f"predicting {project}: groups {start}-{start + len(batch)}")
-            batch = _embed_missing(store, project, batch, cache, stage, result)
-            _predict_batch(store, pstore, project, batch, cache, champs, now, result)
+            _predict_batch(store, pstore, project, batch, cache, champs, now, stage, result)
             done += len(batch)
             if progress is not None:
                 progress(done, len(groups))
@@ -181,16 +182,16 @@ def _live(settings: Settings, project: str, db: Path, now: datetime, result: Pre
     return result
 
 
-def _embed_missing(store: StateStore, project: str, batch: list[list[ImageRow]],
-                   cache: Any, stage: Callable[[], EmbeddingStage | None],
-                   result: PredictResult) -> list[list[ImageRow]]:
-    """Embed (through the embedding stage, batched) the images with no cached vector; the
-    batch again with what the stage learned."""
-    lacking = [r for g in batch for r in g if r.sha256 is None or not cache.has(r.sha256)]
+def _embed(store: StateStore, project: str, batch: list[list[ImageRow]],
+           lacking: list[ImageRow], embedder_id: str,
+           stage: Callable[[], EmbeddingStage | None], result: PredictResult
+           ) -> list[list[ImageRow]]:
+    """Embed ``lacking`` through the embedding stage (batched, cached by content); the batch
+    again with what the stage learned.  Unchanged when no stage of this embedder is at hand."""
     if not lacking:
         return batch
     emb = stage()
-    if emb is None or emb.embedder.embedder_id != cache.embedder_id:
+    if emb is None or emb.embedder.embedder_id != embedder_id:
         return batch
     ran = emb.run([ImageCandidate(project, r.file_name, Path(r.path), 0) for r in lacking])
     result.embedded += ran.embedded
@@ -200,10 +201,14 @@ def _embed_missing(store: StateStore, project: str, batch: list[list[ImageRow]],
 
 def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
                    batch: list[list[ImageRow]], cache: Any, champs: Any, now: datetime,
-                   result: PredictResult) -> None:
+                   stage: Callable[[], EmbeddingStage | None], result: PredictResult) -> None:
     from daemon.predict.scoring import GroupInput, score_groups
+    from daemon.predict.vectors import load_vectors
 
-    ids = [group_id_of(project, [r.file_name for r in g]) for g in batch]
+    # images never read yet have no content hash: embed them first (that hashes them)
+    batch = _embed(store, project, batch, [r for g in batch for r in g if r.sha256 is None],
+                   cache.embedder_id, stage, result)
+    ids = [group_id_of(project, [r.path for r in g]) for g in batch]
     stored = pstore.stored(ids)
     todo: list[tuple[str, list[ImageRow], str]] = []
     for gid, g in zip(ids, batch, strict=True):
@@ -215,15 +220,23 @@ def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
             result.unchanged += 1
         else:
             todo.append((gid, g, key))
-    inputs = []
-    for _, g, _ in todo:
-        vecs = [cache.load(r.sha256) if r.sha256 and cache.has(r.sha256) else None for r in g]
-        inputs.append(GroupInput(vecs, [(r.width, r.height) if r.width and r.height else None
-                                        for r in g], [r.stage for r in g]))
+    if not todo:
+        return
+    vectors = load_vectors(cache.folder, (r.sha256 for _, g, _ in todo for r in g if r.sha256))
+    lacking = [r for _, g, _ in todo for r in g if r.sha256 not in vectors]
+    if lacking:  # hashed but without a vector of this embedder (e.g. the embedder changed)
+        fixed = _embed(store, project, [g for _, g, _ in todo], lacking, cache.embedder_id,
+                       stage, result)
+        todo = [(gid, g, key) for (gid, _, key), g in zip(todo, fixed, strict=True)]
+        vectors.update(load_vectors(cache.folder, (r.sha256 for _, g, _ in todo for r in g
+                                                   if r.sha256 and r.sha256 not in vectors)))
+    inputs = [GroupInput([vectors.get(r.sha256) if r.sha256 else None for r in g],
+                         [(r.width, r.height) if r.width and r.height else None for r in g],
+                         [r.stage for r in g]) for _, g, _ in todo]
     scores = score_groups(champs, inputs)
     stamp = iso_utc(now)
     preds, issues, keys = [], [], []
-    for (gid, g, key), inp, score in zip(todo, inputs, scores, strict=True):
+    for (gid, g, _key), inp, score in zip(todo, inputs, scores, strict=True):
         missing = tuple(r.file_name for r, v in zip(g, inp.vectors, strict=True) if v is None)
         keys.append(ISSUE_KEY + gid)
         if missing:
@@ -233,7 +246,7 @@ def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
             continue
         result.partial += bool(missing)
         preds.append(Prediction(gid, project, tuple(r.file_name for r in g), score.index,
-                                score.box, round(score.confidence, 6), key,
+                                score.box, round(score.confidence, 6), content_key(g),
                                 champs.ranker_version, champs.crop_version, champs.embedder_id,
                                 stamp, missing))
     pstore.write(preds)
