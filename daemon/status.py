@@ -60,7 +60,7 @@ def exit_code(doc: dict[str, Any]) -> int:
 def status_document(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
     """Per-project figures from the state DB (read-only) plus projects not yet validated, the
     daemon's heartbeat, model, backlog, champions, reviewer files, disk use and last event."""
-    from daemon.service import read_heartbeat
+    from daemon.heartbeat import read_heartbeat
 
     now = now or datetime.now(UTC)
     state = _StateFacts()
