@@ -203,6 +203,22 @@ class TestIncremental:
         assert tree(settings.state_db.parent) == state_before
         assert tree(settings.cache_dir) == cache_before
 
+    def test_export_beside_a_running_daemons_open_state_db(
+            self, settings: Settings, images: Images, tmp_path: Path) -> None:
+        """With the daemon's writer connection open (WAL), the export reads every row and
+        leaves the writer's files as they were; rows committed later go to the next run."""
+        writer = StateStore(settings.state_db)
+        try:
+            companions = sorted(p.name for p in settings.state_db.parent.iterdir())
+            run_export(settings, tmp_path / "export")
+            assert sorted(p.name for p in settings.state_db.parent.iterdir()) == companions
+            assert_export_equals(tmp_path / "export", images)
+            images.update(add_images(settings, [600, 601]))
+            assert run_export(settings, tmp_path / "export").rows_written == 2
+        finally:
+            writer.close()
+        assert_export_equals(tmp_path / "export", images)
+
 
 class TestRefusals:
     """A folder the export cannot extend is refused with a reason, and left as it was."""
