@@ -205,6 +205,8 @@ def _crop_item(meta: dict[str, Any]) -> dict[str, Any]:
                                        fig.get("std_iou")).to_dict()
         by_stage[st] = entry
     item["by_stage"] = by_stage
+    # the raw output is what the reviewer reads: how often it is not the guarded box (issue 12)
+    item["raw_output"] = m.get("raw_output") if isinstance(m.get("raw_output"), dict) else None
     return item
 
 

@@ -8,6 +8,16 @@ from typing import Any
 from daemon.summary.stats import fmt
 
 
+def _raw(item: dict[str, Any]) -> str:
+    """The crop net's raw output (what the reviewer reads) against the guarded box."""
+    raw = item.get("raw_output") or {}
+    share = raw.get("raw_differs_from_projected")
+    if not isinstance(share, int | float):
+        return ""
+    return (f"; raw box differs from the projected box beyond the aspect tolerance in "
+            f"{100 * share:.1f}% of {raw.get('n')} test crops")
+
+
 def _random(item: dict[str, Any]) -> str:
     """Models made from random-init embedder weights say so beside their version."""
     return " (RANDOM WEIGHTS)" if item.get("embedder_random") else ""
@@ -94,7 +104,7 @@ def render(summary: dict[str, Any], plots: dict[str, Path]) -> str:
             f"{item['promoted']} | {item['train_size']} / {item['holdout_size']} | mean IoU "
             f"{fmt(item['model_mean_iou'])} ({item['model_mean_iou']['method']}) | full frame "
             f"{fmt(item['full_frame_mean_iou'])}; mean box {fmt(item['mean_box_mean_iou'])} | "
-            f"{_cell(item['reason'])} |")
+            f"{_cell(item['reason'])}{_raw(item)} |")
     lines += ["", img("crop_iou_by_stage"), "", "## Recent crops", "", img("crop_panels"), ""]
     for p in summary["crop_panels"]:
         where = p["image_path"] or f"not drawn: {p['note']}"
