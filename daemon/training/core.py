@@ -230,8 +230,8 @@ def _ranker(settings: Settings, data: RankerData, should_stop: Callable[[], bool
             "train_size": train.groups, "validation_size": val.groups,
             "holdout_size": test.groups, "split": split,
             "seen_keys": _keys(train.projects + val.projects, train.group_ids + val.group_ids),
-            "candidates": {d: {"validation_top1": chosen_val[d],
-                               "best_epoch": histories[d]["best_epoch"]} for d in candidates},
+            "candidates": {d: {"validation_top1": chosen_val[d], **{k: histories[d][k] for k in (
+                "best_epoch", "epochs_run")}} for d in candidates},
             "reviewer": reviewer, "reviewer_state": scorer.state_dict()}
 
 
