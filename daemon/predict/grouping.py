@@ -22,6 +22,7 @@ no file is opened.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -41,6 +42,7 @@ LOOKAHEAD = 50
 MIN_GROUP_SIZE = 2
 
 
+@functools.lru_cache(maxsize=1 << 17)  # sorting and grouping ask for the same names again
 def stage_number(name: str) -> float:
     """The upstream's stage number of a file name (0.0 for an unknown stage).
 

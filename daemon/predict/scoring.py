@@ -106,7 +106,7 @@ class GroupScore:
     box: tuple[float, float, float, float] | None
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_groups(champs: Champions, groups: Sequence[GroupInput]) -> list[GroupScore | None]:
     """The pick (index into the whole group), its softmax confidence over the images that have
     vectors, and the crop box of the pick; None for a group with no vector at all."""
