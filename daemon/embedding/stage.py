@@ -172,8 +172,10 @@ class EmbeddingStage:
         if hand_to_ray(cfg, len(planned)):  # an archive-sized backlog goes to the cluster
             from daemon.embedding.ray_backend import embed_planned
 
-            return embed_planned(self, planned, tally, started=start, progress=progress,
-                                 should_stop=should_stop)
+            stopped, issues = embed_planned(self, planned, tally, progress=progress,
+                                            should_stop=should_stop)
+            return EmbedResult(**tally, stopped=stopped, issues=tuple(issues),
+                               duration_s=time.perf_counter() - start)
         jobs = iter(planned)
         done = 0
         if progress is not None:
