@@ -35,7 +35,7 @@ def ray_run(paths: list[Path], batch: int, device: str) -> tuple[float, float, i
     """Files -> vectors with the Ray backend, in a fresh cache; (img/s of the whole run, img/s
     after the first batch arrived (actor start and model load excluded, as the local
     figure excludes its model load), vectors written)."""
-    from daemon.embedding.ray_backend import embed_with_ray
+    from daemon.embedding.cli import embed_with_ray
     from daemon.records import ImageCandidate
     from daemon.store import StateStore
 

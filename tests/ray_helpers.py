@@ -91,7 +91,7 @@ def _main(argv: list[str]) -> int:
         result = EmbeddingStage(settings, store).run(  # type: ignore[arg-type]
             candidates_from_roots(settings))  # type: ignore[arg-type]
     else:
-        from daemon.embedding.ray_backend import embed_with_ray
+        from daemon.embedding.cli import embed_with_ray
 
         pause = float(argv[3])
         settings = _settings(data_root, image_root)

@@ -19,8 +19,9 @@ import signal
 import sqlite3
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -29,6 +30,11 @@ from daemon.errors import EmbeddingError
 from daemon.progress import phase, progress
 from daemon.settings import Settings
 from daemon.store import StateStore
+
+if TYPE_CHECKING:
+    from daemon.embedding.model import Embedder
+    from daemon.embedding.stage import EmbedResult
+    from daemon.records import ImageCandidate
 
 log = structlog.get_logger("embedding")
 
@@ -95,6 +101,28 @@ def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
         store.close()
 
 
+def embed_with_ray(settings: Settings, store: StateStore,
+                   candidates: Iterable[ImageCandidate], *, limit: int | None = None,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] = lambda: False,
+                   address: str | None = None, embedder: Embedder | None = None
+                   ) -> EmbedResult:
+    """``--backend ray``: the stage's own run with every file that needs work handed to Ray
+    (``address``, else ``embedding.ray_address``, else a cluster of this box).  The driver's
+    model copy is built on the CPU unless given: the GPUs belong to the actors."""
+    from daemon.embedding.ray_backend import driver_embedder, require_ray
+    from daemon.embedding.stage import EmbeddingStage
+
+    require_ray()
+    cfg = settings.embedding
+    forced = cfg.model_copy(update={"ray_address": address or cfg.ray_address or "local",
+                                    "ray_min_backlog": 0})
+    ray_settings = settings.model_copy(update={"embedding": forced})
+    ray_settings._base_dir, ray_settings._config_file = settings.base_dir, settings.config_file
+    stage = EmbeddingStage(ray_settings, store, embedder=embedder or driver_embedder(settings))
+    return stage.run(candidates, limit=limit, progress=progress, should_stop=should_stop)
+
+
 def _verify(args: argparse.Namespace, settings: Settings, store: StateStore) -> int:
     from daemon.embedding.verify import verify_cache
 
@@ -152,8 +180,6 @@ def _embed(args: argparse.Namespace, settings: Settings, store: StateStore) -> i
             stage.embedder  # noqa: B018  (loads the model: 10-20 s of no visible work otherwise)
         with progress("embedding.progress", unit="img", desc="embedding") as report:
             if backend == "ray":
-                from daemon.embedding.ray_backend import embed_with_ray
-
                 result = embed_with_ray(settings, store, candidates, limit=args.limit,
                                         progress=report, should_stop=lambda: stop["requested"],
                                         address=args.address, embedder=stage.embedder)

@@ -25,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -33,16 +33,15 @@ import numpy as np
 import structlog
 
 from daemon.embedding.decode import Job, Outcome
-from daemon.errors import ConfigError, EmbeddingError
-from daemon.records import ImageCandidate
+from daemon.errors import ConfigError, DaemonError, EmbeddingError
+from daemon.records import Issue
 from daemon.settings import EmbeddingSettings, Settings
 
 if TYPE_CHECKING:
     import torch
 
     from daemon.embedding.model import Embedder
-    from daemon.embedding.stage import EmbeddingStage, EmbedResult
-    from daemon.store import StateStore
+    from daemon.embedding.stage import EmbeddingStage
 
 log = structlog.get_logger("embedding")
 
@@ -210,6 +209,21 @@ def _outcomes(batch: dict[str, np.ndarray], planned: list[Job]) -> list[Outcome]
     return out
 
 
+@contextmanager
+def _ray_failures(address: str) -> Iterator[None]:
+    """A cluster that cannot be reached, or a task or actor that failed (an embedder_id that
+    differs, a node lost), is a model failure of the run (exit 1, the stage's reason in
+    status), not a traceback; the daemon's own errors (state DB) pass unchanged."""
+    try:
+        yield
+    except DaemonError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        raise EmbeddingError(f"the Ray run ({address or 'local'}) failed: "
+                             f"{type(exc).__name__}: {text[-600:]}") from exc
+
+
 class _Feeder:
     """Ray's batch iterator on a thread of its own, so the driver polls ``should_stop`` (which
     also beats the daemon's progress stamp) every second while the cluster starts actors and
@@ -269,27 +283,27 @@ class _Feeder:
 
 
 def embed_planned(stage: EmbeddingStage, planned: list[Job], tally: dict[str, int], *,
-                  started: float, progress: Callable[[int, int], None] | None = None,
+                  progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
-                  address: str | None = None) -> EmbedResult:
+                  address: str | None = None) -> tuple[bool, list[Issue]]:
     """Embed the planned jobs on Ray; results are written by ``stage``'s writer, batch by
-    batch, on this thread.  ``tally`` holds the planner's counts (seen, cached, ...)."""
-    from daemon.embedding.stage import EmbeddingStage, EmbedResult
-
+    batch, on this thread.  ``tally`` holds the planner's counts (seen, cached, ...) and gets
+    the writer's; returns (stopped early, the issues of bad images)."""
     require_ray()
     cfg = stage.settings.embedding
     emb = stage.embedder
-    writer = EmbeddingStage(stage.settings, stage.store, embedder=_Vectors(emb.embedder_id,
-                                                                           emb.dim),
-                            clock=stage.clock, png_decoder=None)
-    issues: list[Any] = []
+    # the stage's own writer around the vectors the actors made (its class: no import cycle)
+    writer = type(stage)(stage.settings, stage.store,
+                         embedder=_Vectors(emb.embedder_id, emb.dim), clock=stage.clock,
+                         png_decoder=None)
+    issues: list[Issue] = []
     stopped, done = False, 0
     if progress is not None:
         progress(0, len(planned))
     where = cfg.ray_address if address is None else address
     batches: _Feeder | None = None
     if planned:
-        with ray_session(where, cfg.ray_local_cpus) as resources:
+        with _ray_failures(where), ray_session(where, cfg.ray_local_cpus) as resources:
             batches = _Feeder(_dataset(planned, stage, emb, resources).iter_batches(
                 batch_size=cfg.batch_size, batch_format="numpy",
                 prefetch_batches=cfg.queue_batches), cfg.queue_batches)
@@ -307,11 +321,9 @@ def embed_planned(stage: EmbeddingStage, planned: list[Job], tally: dict[str, in
             finally:
                 batches.close()
         batches.join(timeout=30.0)  # Ray is down: its iterator has returned or raised
-    result = EmbedResult(**tally, stopped=stopped, duration_s=time.perf_counter() - started,
-                         issues=tuple(issues))
-    log.info("embedding.run_finished", embedder_id=emb.embedder_id, backend="ray",
-             address=where or "local", **result.to_dict())
-    return result
+    log.info("embedding.ray_run_finished", embedder_id=emb.embedder_id, backend="ray",
+             address=where or "local", stopped=stopped, issues=len(issues), **tally)
+    return stopped, issues
 
 
 def driver_embedder(settings: Settings) -> Embedder:
@@ -324,25 +336,3 @@ def driver_embedder(settings: Settings) -> Embedder:
         cfg.model_copy(update={"device": "cpu", "precision": "fp32"}),
         weights_path=settings.resolve(cfg.weights_path) if cfg.weights_path else None,
         hf_cache_dir=settings.resolve(cfg.hf_cache_dir) if cfg.hf_cache_dir else None)
-
-
-def embed_with_ray(settings: Settings, store: StateStore,
-                   candidates: Iterable[ImageCandidate], *, limit: int | None = None,
-                   progress: Callable[[int, int], None] | None = None,
-                   should_stop: Callable[[], bool] = lambda: False,
-                   address: str | None = None, embedder: Embedder | None = None
-                   ) -> EmbedResult:
-    """``trainingd embed --backend ray``: plan as the local stage does, then
-    :func:`embed_planned`.  The driver's own model copy (for the embedder_id, the dimension and
-    the preprocessing transform) is built on the CPU: the GPUs belong to the actors."""
-    from daemon.embedding.stage import EmbeddingStage
-
-    require_ray()
-    started = time.perf_counter()
-    stage = EmbeddingStage(settings, store, embedder=embedder or driver_embedder(settings))
-    tally: dict[str, int] = dict.fromkeys(
-        ("seen", "embedded", "cached", "moved", "failed", "skipped_failed", "batches"), 0)
-    ordered = sorted(candidates, key=lambda c: c.priority)
-    planned = list(stage._plan(ordered, stage.cache, tally, limit))
-    return embed_planned(stage, planned, tally, started=started, progress=progress,
-                         should_stop=should_stop, address=address)
