@@ -14,13 +14,14 @@ from daemon.cli import main
 from daemon.embedding.cache import VectorCache
 from daemon.embedding.ledger import META_EMBEDDER
 from daemon.settings import Settings
+from daemon.similar.index import AnnIndex
 from daemon.similar.live import held_index, vectors_written
 from daemon.similar.pairs import PairSearch, knn_pairs
 from daemon.similar.persist import SimilarIndex, index_path
 from daemon.store import StateStore
 from daemon.training.units import GroupImages, build_units, near_duplicate_pairs
 
-pytest.importorskip("usearch")
+pytest.importorskip("faiss")
 EMBEDDER = "test-embedder:v1"
 
 
@@ -52,8 +53,9 @@ def _cache(settings: Settings, vectors: np.ndarray) -> tuple[VectorCache, list[s
 
 class TestNearDuplicatePairs:
     def test_dense_clusters_and_planted_copies_match_exact_search(self) -> None:
-        """Above the exact limit the ANN search returns exactly the exact search's pairs on
-        clustered vectors with planted copies and one tight cluster of 300."""
+        """Above the exact limit the range search over cells, and the k-NN search over a held
+        HNSW index, return exactly the exact search's pairs on clustered vectors with planted
+        copies and one tight cluster of 300."""
         rng = np.random.default_rng(7)
         x, planted = _clustered(rng, 60, 40, 64, 0.035, 40)
         tight = x[0] + 0.01 * _unit(rng, 300, 64)
@@ -63,7 +65,13 @@ class TestNearDuplicatePairs:
         ann = {tuple(p) for p in near_duplicate_pairs(x, 0.97, exact_limit=100, stats=st)}
         assert planted <= ann
         assert ann == exact
-        assert st.method == "ann" and st.widened > 0
+        assert st.method == "ann" and st.structure == "ivf" and st.probes < st.cells
+        graph = AnnIndex(64)
+        graph.add(np.arange(len(x)), x)
+        hn = PairSearch()
+        held = {tuple(p) for p in near_duplicate_pairs(x, 0.97, exact_limit=100, index=graph,
+                                                       stats=hn)}
+        assert held == exact and hn.structure == "hnsw" and hn.widened > 0
 
     def test_units_say_the_ann_index_found_the_pairs(self) -> None:
         """build_units records that the shared ANN index did the search (it was LSH before)."""
@@ -126,6 +134,22 @@ class TestSimilarIndex:
         with capture_logs() as logs:
             idx = SimilarIndex.open(cache)
         assert len(idx) == 10 and "similar.index_rebuilt" in [e["event"] for e in logs]
+
+    def test_an_index_file_of_the_former_library_is_rebuilt(self, settings: Settings) -> None:
+        """A file a usearch-era daemon saved is rebuilt with faiss from the cache, never read."""
+        rng = np.random.default_rng(9)
+        cache, shas = _cache(settings, _unit(rng, 12, 8))
+        path = index_path(settings.cache_dir, EMBEDDER)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"embedder_id": EMBEDDER, "dim": 8, "library": "usearch", "vectors": 12}
+        with path.open("wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)),
+                     hashes=np.array([h.encode() for h in shas], dtype="S64"),
+                     index=np.frombuffer(b"usearch graph bytes", dtype=np.uint8))
+        with capture_logs() as logs:
+            idx = SimilarIndex.open(cache)
+        assert len(idx) == 12 and "similar.index_rebuilt" in [e["event"] for e in logs]
+        assert idx.neighbours(cache.load(shas[4]), 1)[0][0] == shas[4]
 
     def test_embedding_batches_join_the_held_index(self, settings: Settings) -> None:
         """The stage's hook adds a batch's vectors to this process's index of that embedder."""

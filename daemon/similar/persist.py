@@ -69,6 +69,8 @@ class SimilarIndex:
                 raw = z["index"].tobytes()
             if meta.get("embedder_id") != self.cache.embedder_id:
                 raise ValueError(f"made for embedder {meta.get('embedder_id')!r}")
+            if meta.get("library") != LIBRARY:  # e.g. a usearch graph from before faiss
+                raise ValueError(f"made by {meta.get('library')!r}, not {LIBRARY!r}")
             ann = AnnIndex.from_bytes(raw, int(meta["dim"]))
             if len(ann) != len(hashes):
                 raise ValueError(f"{len(ann)} vectors but {len(hashes)} hashes")

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from daemon.similar.index import AnnIndex
-from daemon.similar.pairs import PairSearch, knn_pairs
+from daemon.similar.pairs import PairSearch, knn_pairs, range_pairs
 
 Side = Literal["train", "validation", "test"]
 SIDES: tuple[Side, ...] = ("train", "validation", "test")
@@ -140,10 +140,12 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float, *, block: int = 
     """``(k, 2)`` index pairs ``i < j`` whose cosine is >= ``threshold``.
 
     Rows are L2-normalised here.  Up to ``exact_limit`` vectors: blocked brute force (exact).
-    Above: the similarity room's ANN index (:func:`daemon.similar.pairs.knn_pairs`: k nearest
-    neighbours per vector, k widened while the k-th is still a near duplicate, every candidate
-    checked exactly), the same index and threshold ``trainingd similar`` and the inspection
-    report use; ``index`` is that index when the caller holds one (row ``i`` under key ``i``).
+    Above: the similarity room's range search over k-means cells
+    (:func:`daemon.similar.pairs.range_pairs`: every vector compared exactly with the vectors
+    of its nearest cells; seconds where building the HNSW graph takes minutes), or, when the
+    caller holds the HNSW index ``trainingd similar`` answers from (``index``, row ``i`` under
+    key ``i``), k nearest neighbours from it (:func:`daemon.similar.pairs.knn_pairs`).  One
+    threshold for the split, the report and ``trainingd similar``.
     No false pair is ever returned; the measured recall is in Documents/SIMILARITY.md.
     Content-hash duplicates are joined separately and never depend on this search.  ``seed``
     is kept for callers of the former LSH search (HNSW builds are deterministic enough)."""
@@ -152,8 +154,10 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float, *, block: int = 
         return np.zeros((0, 2), dtype=np.int64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    if len(x) > exact_limit:
+    if len(x) > exact_limit and index is not None:
         return knn_pairs(x, threshold, index=index, stats=stats)
+    if len(x) > exact_limit:
+        return range_pairs(x, threshold, stats=stats)
     found = _exact_pairs(x, threshold, block)
     if stats is not None:
         stats.vectors, stats.method = len(x), "exact"
