@@ -35,6 +35,7 @@ class Progress:
         self.last = clock()
         self.note: str | None = None
         self._allowed_until = 0.0  # a declared long step: no stall before this moment
+        self._abandonable = False  # ... that writes nothing: a shutdown may leave it behind
 
     def beat(self, note: str | None = None) -> None:
         """Work moved.  ``note`` (optional) says where, for the stall report."""
@@ -42,16 +43,26 @@ class Progress:
         with self._lock:
             self.last = now
             self._allowed_until = 0.0
+            self._abandonable = False
             if note is not None:
                 self.note = note
 
-    def allow(self, seconds: float, note: str) -> None:
-        """The next step may take up to ``seconds`` without a beat (it has its own bound)."""
+    def allow(self, seconds: float, note: str, *, abandonable: bool = False) -> None:
+        """The next step may take up to ``seconds`` without a beat (it has its own bound).
+        ``abandonable``: the step writes nothing (loading a model), so a shutdown that finds
+        the lane still inside it when its budget is spent leaves it behind as a clean stop
+        (exit 0), not as work abandoned (exit 1)."""
         now = self.clock()
         with self._lock:
             self.last = now
             self._allowed_until = now + seconds
+            self._abandonable = abandonable
             self.note = note
+
+    def abandonable(self) -> str | None:
+        """The note of the abandonable step running now, else ``None``."""
+        with self._lock:
+            return self.note if self._abandonable else None
 
     def quiet_seconds(self) -> float:
         """Seconds since the last beat."""

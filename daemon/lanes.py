@@ -165,9 +165,9 @@ class ThreadProgress:
             self.note = note
         self._target().beat(note)
 
-    def allow(self, seconds: float, note: str) -> None:
+    def allow(self, seconds: float, note: str, *, abandonable: bool = False) -> None:
         self.note = note
-        self._target().allow(seconds, note)
+        self._target().allow(seconds, note, abandonable=abandonable)
 
     def should_stop(self, stopping: Callable[[], bool]) -> Callable[[], bool]:
         return self._target().should_stop(stopping)

@@ -348,11 +348,18 @@ class Service:
             self.listener.stop()
         final = "stalled" if self.stalled else "stopped"
         left = [lane for lane in self.lanes if lane.is_alive()]
+        # a lane still loading the model writes nothing: leaving it behind is a clean stop
+        clean = {lane.name: note for lane in left
+                 if (note := lane.progress.abandonable()) is not None}
         if left:
-            code = code or 1
+            if len(clean) < len(left):
+                code = code or 1
+            for name, note in clean.items():
+                log.info("service.step_left_behind", lane=name, step=note,
+                         action="nothing was being written; it runs again at the next start")
             # SQLite rolls back the open transaction when the process exits: nothing half-done
             if not self.stalled:
-                for lane in left:
+                for lane in (lane for lane in left if lane.name not in clean):
                     log.error("service.shutdown_budget_exceeded", budget_seconds=budget,
                               lane=lane.name, action="exiting without the worker",
                               **describe_stall(lane.current, lane.progress, lane.thread,

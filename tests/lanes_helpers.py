@@ -4,6 +4,7 @@ Run as a script it is the daemon under test::
 
     python tests/lanes_helpers.py CONFIG GATE_DIR
 
+With ``GATE_DIR/gate_load`` present, the heavy lane's model load waits at the ``load`` gate.
 The Embedder seam's ``embed`` writes ``GATE_DIR/embed.waiting`` and then waits until
 ``GATE_DIR/embed.open`` exists; the training child's vector source (``gated_vectors``) writes
 ``GATE_DIR/train.waiting`` and waits for ``GATE_DIR/train.open``.  So the test knows, without
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -54,6 +56,13 @@ class GatedEmbedder:
 
     @property
     def embedder_id(self) -> str:
+        # with GATE_DIR/gate_load: the heavy lane's first look at the model (inside its
+        # "loading the embedding model" step) waits on the "load" gate, as a cold torch
+        # import or CUDA init would
+        if (self.gate_dir / "gate_load").exists() and not getattr(self, "_loaded", False) \
+                and threading.current_thread() is not threading.main_thread():
+            self._loaded = True
+            wait_gate(self.gate_dir, "load")
         return str(self.inner.embedder_id)
 
     @property

@@ -128,7 +128,8 @@ def _decisions(home: Path) -> Path:
     return home / "data" / "training" / "ai_training_decisions"
 
 
-def _start(home: Path, gates: Path, *, rows: int = 5, images: int = 12) -> Daemon:
+def _start(home: Path, gates: Path, *, rows: int = 5, images: int = 12,
+           service: str = "") -> Daemon:
     from daemon.demo.sample import write_sample_project
 
     make_images(home / "photos", images)
@@ -139,8 +140,10 @@ def _start(home: Path, gates: Path, *, rows: int = 5, images: int = 12) -> Daemo
         'pretrained = "none"\nbatch_size = 4\ndecode_workers = 2\ndevice = "cpu"\n',
         image_roots={"demo": [home / "photos"]})
     # a gated batch is not a stall: the test holds it as long as it needs
-    config.write_text(config.read_text().replace("[service]\n",
-                                                 "[service]\nstall_seconds = 600\n"))
+    text = config.read_text().replace("[service]\n", "[service]\nstall_seconds = 600\n")
+    if service:  # e.g. a shorter stop budget than the harness's default
+        text = text.replace("shutdown_budget_seconds = 10\n", service)
+    config.write_text(text)
     return _Gated(config, gates)
 
 
@@ -318,4 +321,32 @@ class TestStopAndPause:
                             timeout=60, what="the held rows validated after resume")
         finally:
             code = daemon.stop()
+        assert code == 0
+
+
+@pytest.mark.slow
+class TestShutdownWhileLoadingTheModel:
+    """A SIGTERM while the heavy lane is still loading the model (a cold torch import on a busy
+    box takes longer than the stop budget): a clean stop, since nothing was being written."""
+
+    def test_sigterm_during_the_model_load_exits_zero(self, home: Path, gates: Path) -> None:
+        """Exit 0 within the budget, the step named as left behind, no "budget exceeded"."""
+        (gates / "gate_load").touch()
+        daemon = _start(home, gates, service="shutdown_budget_seconds = 2\n")
+        try:
+            wait_until(lambda: (gates / "load.waiting").exists(), timeout=180,
+                       what="the heavy lane inside the model load")
+            daemon.signal(signal.SIGTERM)
+            code = daemon.proc.wait(60)
+        finally:
+            (gates / "load.open").touch()
+            if daemon.proc.poll() is None:
+                daemon.kill()
+            else:
+                daemon.log_file.close()
+        events = [r.get("event") for r in daemon.records()]
+        assert "service.shutdown_budget_exceeded" not in events
+        left = [r for r in daemon.records() if r.get("event") == "service.step_left_behind"]
+        assert [(r["lane"], r["step"]) for r in left] == [
+            ("heavy", "loading the embedding model")]
         assert code == 0

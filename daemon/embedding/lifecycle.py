@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -98,17 +97,27 @@ def needs_new_model(old: Settings, new: Settings) -> bool:
     return model_settings(old) != model_settings(new)
 
 
+class AllowStep(Protocol):
+    """:meth:`daemon.health.Progress.allow` as the lifecycle calls it."""
+
+    def __call__(self, seconds: float, note: str, *, abandonable: bool = False) -> None: ...
+
+
+def _no_allow(seconds: float, note: str, *, abandonable: bool = False) -> None:
+    """No progress stamp to tell (one-shot commands)."""
+
+
 class EmbedderLifecycle:
     """The embedding stage between tasks: ``not_loaded`` -> ``loading`` -> ``loaded`` or
     ``failed`` (disabled until a reload).  ``model`` and ``rate`` are read by the heartbeat
     on the main thread: they are replaced whole, never mutated."""
 
     def __init__(self, settings: Settings, store: StateStore, *, embedder: Any = None,
-                 allow: Callable[[float, str], None] = lambda seconds, note: None) -> None:
+                 allow: AllowStep | None = None) -> None:
         self.settings = settings
         self.store = store
         self.embedder = embedder  # an injected Embedder (tests, the demo), or None: load one
-        self.allow = allow
+        self.allow: AllowStep = allow if allow is not None else _no_allow
         self.stage: EmbeddingStage | None = None
         self.disabled: str | None = None
         self.model = ModelState()
@@ -118,14 +127,16 @@ class EmbedderLifecycle:
         """The loaded stage, loading the model if needed; None while disabled."""
         if self.stage is not None or self.disabled is not None:
             return self.stage
+        # a cold start (importing torch, disk, CUDA init) may take minutes: a bounded step, not
+        # a stall; and it writes nothing, so a SIGTERM meanwhile still ends in a clean stop
+        self.allow(MODEL_LOAD_SECONDS, "loading the embedding model", abandonable=True)
         try:
             from daemon.embedding.stage import EmbeddingStage
 
             started, loads = time.monotonic(), self.model.loads
             self.model = ModelState("loading", since=_now(), loads=loads)
             stage = EmbeddingStage(self.settings, self.store, embedder=self.embedder)
-            # a cold start (disk, CUDA init) may take minutes: a bounded step, not a stall
-            self.allow(MODEL_LOAD_SECONDS, "loading the embedding model")
+            self.allow(MODEL_LOAD_SECONDS, "loading the embedding model", abandonable=True)
             _ = stage.embedder  # load now: missing weights must surface here, not later
             from daemon.embedding.model import describe_device
 
