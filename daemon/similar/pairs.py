@@ -158,9 +158,14 @@ PROBES = 8  # cells searched around each vector's own
 QUERY_CHUNK = 16384  # vectors per range search: bounds the memory of one result buffer
 
 
+TRAIN_PER_CELL = 40  # k-means sample per cell (faiss asks for at least 39)
+TRAIN_ITERATIONS = 10
+
+
 def cells_for(n: int) -> int:
-    """k-means cells for ``n`` vectors: ~sqrt(n), each trained on >= 40 vectors."""
-    return max(1, min(int(np.sqrt(n)), n // 40))
+    """k-means cells for ``n`` vectors: ~2 sqrt(n) (at 200k: 890 cells of ~220 vectors, so a
+    vector is compared with ~1,800 others), each cell trained on ``TRAIN_PER_CELL`` vectors."""
+    return max(1, min(int(2 * np.sqrt(n)), n // TRAIN_PER_CELL))
 
 
 def range_pairs(x: np.ndarray, threshold: float, *, probes: int = PROBES,
@@ -168,7 +173,7 @@ def range_pairs(x: np.ndarray, threshold: float, *, probes: int = PROBES,
     """``(p, 2)`` sorted unique pairs ``i < j`` of rows of the unit-vector matrix ``x`` whose
     cosine is >= ``threshold``, by a range search over an inverted file (faiss IndexIVFFlat).
 
-    The vectors are put in ~sqrt(n) k-means cells; every vector is compared exactly (float32
+    The vectors are put in ~2 sqrt(n) k-means cells; every vector is compared exactly (float32
     inner products) with every vector of its ``probes`` nearest cells, and every one at or above
     the threshold is kept: no k, so a dense cluster of near duplicates is listed whole without
     widening.  A pair is found when either vector's probed cells hold the other; two vectors at
@@ -191,8 +196,8 @@ def range_pairs(x: np.ndarray, threshold: float, *, probes: int = PROBES,
     x = np.ascontiguousarray(x, dtype=np.float32)
     nlist = cells_for(n)
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = 1234
-    sample = np.random.default_rng(0).choice(n, min(n, nlist * 64), replace=False)
+    ivf.cp.seed, ivf.cp.niter = 1234, TRAIN_ITERATIONS
+    sample = np.random.default_rng(0).choice(n, min(n, nlist * TRAIN_PER_CELL), replace=False)
     ivf.train(x[np.sort(sample)])
     ivf.add(x)
     ivf.nprobe = min(nlist, probes)
