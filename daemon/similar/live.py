@@ -3,7 +3,7 @@
 Called by the embedding stage after each batch's vectors exist in the cache (same thread, the
 heavy lane).  The index is derived data: any failure here is logged and never fails the batch,
 since the next open rebuilds what is missing from the cache.  The index is saved at most every
-``SAVE_EVERY_SECONDS`` (a 1M-vector index is ~1 GiB), so a short run may end unsaved; the next
+``SAVE_EVERY_SECONDS`` (a 1M-vector index is ~2.2 GiB), so a short run may end unsaved; the next
 open catches up from the cache.  The first batch after start only loads the saved index (a
 catch-up over a large, never-indexed cache would hold the heavy lane for minutes); the cached
 vectors it lacks are added by the next full open (``trainingd similar``, training).

@@ -1,17 +1,23 @@
-"""Near-duplicate pairs from the ANN index: k nearest neighbours per vector, an exact cosine
-check, and k widened for every vector whose k-th neighbour is still close to the threshold, so a
-dense cluster of near duplicates is listed whole.
+"""Near-duplicate pairs (cosine >= a threshold) among many vectors, two ways.
 
-A pair (i, j) is found when j is among i's neighbours or i among j's; a vector whose neighbour
-list is still full of near duplicates at ``MAX_K`` is compared with every vector exactly (blocked
-matrix products), so the widening never silently stops.  HNSW links inside a tight cluster are
-pruned (its neighbour heuristic keeps few links between points that are close to each other),
-so a widened search can still miss members of a dense cluster: every connected set of found
-pairs that holds a widened vector is therefore completed by an exact check within the set.
-No pair is ever returned that the exact float32 cosine does not confirm.  The measured recall
-against exact search (random and clustered vectors) is printed by ``bench/similar_bench.py``
-and stated in Documents/SIMILARITY.md.
-Pure numpy plus the index; no I/O.
+:func:`range_pairs`, what the leak-proof split uses above the exact limit: a range search over
+k-means cells (faiss IndexIVFFlat): every vector compared exactly with the vectors of its
+nearest cells, all at or above the threshold kept, so a dense cluster is listed whole.  It
+needs no graph: building the HNSW graph costs minutes at 200k vectors on this box, training
+the cells seconds.
+
+:func:`knn_pairs`, for a caller that already holds the HNSW index ``trainingd similar`` answers
+from: k nearest neighbours per vector, an exact cosine check, and k widened for every vector
+whose k-th neighbour is still close to the threshold.  A vector whose neighbour list is still
+full of near duplicates at ``MAX_K`` is compared with every vector exactly (blocked matrix
+products), so the widening never silently stops; HNSW prunes links inside a tight cluster, so
+every connected set of found pairs that holds a widened vector is completed by an exact check
+within the set.
+
+Either way no pair is returned that the exact float32 cosine does not confirm.  The measured
+recall against exact search (random and clustered vectors) is printed by
+``bench/similar_bench.py`` and stated in Documents/SIMILARITY.md.  Pure numpy plus faiss; no
+I/O.
 """
 
 from __future__ import annotations
