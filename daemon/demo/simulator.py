@@ -8,12 +8,16 @@ moved with their sidecar to ``__cropped/``, losers moved to ``__delete_staging/`
 them deleted.  Per group, in this order (the reviewer's):
 
 1. the 2-4 stage images appear in the image root (written to a temp name, then renamed);
-2. the row is INSERTed and committed (``BEGIN IMMEDIATE`` ... ``COMMIT``);
+2. the row is INSERTed and committed (``BEGIN IMMEDIATE`` ... ``COMMIT``): at once by default,
+   or ``review_delay_seconds`` later (and not before the ``review_gate`` file exists, when one
+   is given), so a daemon watching the root can embed and predict the group before its review;
 3. the picked image (with its ``.yaml`` companion) moves to ``__selected/`` (approve) or
    ``__crop/`` / ``__crop_auto/`` (crop), and for a crop the kind A sidecar is written beside it;
 4. the losers move to ``__delete_staging/``; a fraction of them is deleted after a short delay;
 5. for a crop, ``crop_delay_seconds`` later: UPDATE final_crop_coords, crop_timestamp, crop_match,
    commit, then move image, companion and sidecar to ``__cropped/``.
+
+With a delay, groups wait in the root together; how they stay apart: :mod:`.groups`.
 
 Choices are deterministic under ``seed`` (file names, actions, boxes); only the clock-derived
 values (group_id, timestamps) differ between runs.  It must not write anywhere but the given
@@ -23,7 +27,8 @@ the exit status is 0.
 
     python -m daemon.demo.simulator --decisions DIR --images ROOT --project NAME [--groups N]
         [--rate PER_SECOND] [--seed S] [--crop-delay-seconds X] [--delete-losers-fraction F]
-        [--delete-delay-seconds X] [--commit-log FILE]
+        [--delete-delay-seconds X] [--review-delay-seconds X] [--review-gate FILE]
+        [--commit-log FILE]
 """
 
 from __future__ import annotations
@@ -39,24 +44,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 from daemon.decisions.schema import INSERT_SQL, create_v3_db
+from daemon.demo.groups import Due, ReviewedGroup, ShownGroup, box, draw_group
 from daemon.demo.sample import STAGE_NAMES, iso_z, move_into, png_bytes, row_tuple, write_sidecar
 from daemon.files import DELETE_STAGING
 from daemon.fsutil import atomic_write_bytes
-
-#: Tiny stand-ins for the real sizes (832x1216, 1216x832, ...), same aspect ratios.
-TINY_SIZES: tuple[tuple[int, int], ...] = ((52, 76), (76, 52), (64, 64), (104, 152), (128, 128))
-CROP_FRACTION = 0.4
-AUTO_CROP_FRACTION = 0.25  # of the crops: AI crop accepted, routed to __crop_auto/
-HIGHEST_STAGE_RATE = 0.976
-#: Images of group n are "generated" at FILE_EPOCH + n * 7 minutes: names are unique per DB.
-FILE_EPOCH = datetime(2025, 7, 1, 8, 0, 0)
 
 SELECTED, CROP, CROP_AUTO, CROPPED = ("__selected", "__crop", "__crop_auto", "__cropped")
 
@@ -73,34 +71,19 @@ class SimulatorConfig:
     delete_losers_fraction: float = 0.5
     delete_delay_seconds: float = 0.5
     commit_log: Path | None = None
+    #: images appear -> the row is committed; 0: in the same step, as before
+    review_delay_seconds: float = 0.0
+    #: reviews also wait until this file exists (the demo opens it once groups are predicted)
+    review_gate: Path | None = None
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether unreviewed groups can wait in the image root together."""
+        return self.review_delay_seconds > 0 or self.review_gate is not None
 
     @property
     def db_path(self) -> Path:
         return self.decisions_dir / f"{self.project}.db"
-
-
-@dataclass(slots=True)
-class ReviewedGroup:
-    """What the simulator did for one group (for tests and the bench)."""
-
-    group_id: str
-    action: str
-    images: list[str]
-    picked: str
-    folder: str  # where the picked image went: __selected, __crop or __crop_auto
-    sidecar: Path | None
-    final_box: list[float] | None = None  # what the crop tool will draw (crops only)
-    deleted: list[str] = field(default_factory=list)
-    cropped: bool = False
-
-
-@dataclass(order=True, slots=True)
-class _Due:
-    at: float
-    seq: int
-    kind: str = field(compare=False)  # "crop" or "delete"
-    group: ReviewedGroup = field(compare=False)
-    names: tuple[str, ...] = field(compare=False, default=())
 
 
 class Simulator:
@@ -119,7 +102,9 @@ class Simulator:
         self.wall_clock = wall_clock
         self.rng = random.Random(config.seed)
         self.reviewed: list[ReviewedGroup] = []
-        self._due: list[_Due] = []
+        self._due: list[Due] = []
+        self._waiting: list[ShownGroup] = []  # images shown, review not yet committed
+        self._shown = 0
         self._seq = 0
         self._conn: sqlite3.Connection | None = None
         self._log: TextIO | None = None
@@ -162,24 +147,36 @@ class Simulator:
     @property
     def done(self) -> bool:
         """Every group reviewed and every crop and delete carried out."""
-        return len(self.reviewed) >= self.config.groups and not self._due
+        return len(self.reviewed) >= self.config.groups and not self._due and not self._waiting
 
-    def _next_review_at(self) -> float | None:
-        n = len(self.reviewed)
+    def _next_images_at(self) -> float | None:
+        n = self._shown
         if n >= self.config.groups:
             return None
         rate = self.config.rate_per_second
         return self._start if rate <= 0 else self._start + n / rate
 
+    def gate_open(self) -> bool:
+        gate = self.config.review_gate
+        return gate is None or gate.exists()
+
+    def _next_review_at(self) -> float | None:
+        if not self._waiting:
+            return None
+        if not self.gate_open():
+            return self.clock() + 0.25  # poll the gate
+        return self._waiting[0].shown_at + self.config.review_delay_seconds
+
     def next_due(self) -> float | None:
         """Clock time of the next step, or None when done."""
-        times = [t for t in (self._next_review_at(), self._due[0].at if self._due else None)
-                 if t is not None]
+        times = [t for t in (self._next_images_at(), self._next_review_at(),
+                             self._due[0].at if self._due else None) if t is not None]
         return min(times) if times else None
 
     def step(self) -> str | None:
         """Carry out at most one due action: the earliest due crop or delete, else the next
-        review if its time has come.  Returns what it did ("review", "crop", "delete")."""
+        group's images and (without a delay) its review, else a waiting group's review.
+        Returns what it did ("review", "images", "crop", "delete")."""
         now = self.clock()
         if self._due and self._due[0].at <= now:
             due = heapq.heappop(self._due)
@@ -188,9 +185,16 @@ class Simulator:
             else:
                 self._delete(due.group, due.names)
             return due.kind
+        images_at = self._next_images_at()
+        if images_at is not None and images_at <= now:
+            self._waiting.append(self._show())
+            if not self.config.overlapping:  # the reviewer's pace: images, then the row
+                self._review(self._waiting.pop(0))
+                return "review"
+            return "images"
         review_at = self._next_review_at()
-        if review_at is not None and review_at <= now:
-            self._review()
+        if review_at is not None and review_at <= now and self.gate_open():
+            self._review(self._waiting.pop(0))
             return "review"
         return None
 
@@ -216,7 +220,7 @@ class Simulator:
     def _schedule(self, delay: float, kind: str, group: ReviewedGroup,
                   names: tuple[str, ...] = ()) -> None:
         self._seq += 1
-        heapq.heappush(self._due, _Due(self.clock() + delay, self._seq, kind, group, names))
+        heapq.heappush(self._due, Due(self.clock() + delay, self._seq, kind, group, names))
 
     # -- the reviewer ---------------------------------------------------------------------------
 
@@ -228,37 +232,25 @@ class Simulator:
         self._last_gid_time = now
         return now
 
-    def _review(self) -> None:
-        cfg, rng = self.config, self.rng
-        n = self._offset + len(self.reviewed)
-        count = rng.choice((2, 2, 3, 4))
-        stages = sorted(rng.sample(range(4), count))
-        size = rng.choice(TINY_SIZES)
-        color = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-        generated = FILE_EPOCH + timedelta(minutes=7 * n)
-        names: list[str] = []
-        for k, stage in enumerate(stages):
-            t = generated + timedelta(seconds=40 * k + rng.randrange(30))
-            names.append(f"{t:%Y%m%d_%H%M%S}_{STAGE_NAMES[stage]}.png")
-        pick = count - 1 if rng.random() < HIGHEST_STAGE_RATE else rng.randrange(count - 1)
-        ai_pick = count - 1
-        action = "crop" if rng.random() < CROP_FRACTION else "approve"
-        auto = action == "crop" and rng.random() < AUTO_CROP_FRACTION
-        shape = rng.randrange(3)  # which of the three live kind A field sets
-        ai_box = self._box(rng) if auto or shape == 1 else None
-        confidence = round(rng.uniform(0.5, 0.99), 4)
-        delete_mask = [rng.random() < cfg.delete_losers_fraction for _ in names]
-        final_box: list[float] | None = None
-        if action == "crop":
-            # an accepted AI crop is kept as suggested; otherwise the person draws a new box
-            keep_ai = ai_box is not None and (auto or rng.random() < 0.5)
-            final_box = ai_box if keep_ai else self._box(rng)
-
+    def _show(self) -> ShownGroup:
+        """Draw the group's choices and write its images (step 1)."""
+        cfg = self.config
+        g = draw_group(self.rng, self._offset + self._shown, overlapping=cfg.overlapping,
+                       delete_fraction=cfg.delete_losers_fraction, clock=self.clock())
+        self._shown += 1
         # 1. the images exist before the review
-        for stage, name in zip(stages, names, strict=True):
-            atomic_write_bytes(cfg.image_root / name, png_bytes(size, color, stage))
+        for stage, name in zip(g.stages, g.names, strict=True):
+            atomic_write_bytes(cfg.image_root / name, png_bytes(g.size, g.color, stage))
             atomic_write_bytes(cfg.image_root / f"{Path(name).stem}.yaml",
-                          f"stage: {STAGE_NAMES[stage]}\nseed: {cfg.seed}\n".encode())
+                               f"stage: {STAGE_NAMES[stage]}\nseed: {cfg.seed}\n".encode())
+        return g
+
+    def _review(self, shown: ShownGroup) -> None:
+        """Commit the row, then move and delete as the reviewer does (steps 2-5)."""
+        cfg, g = self.config, shown
+        n, names, size, pick, action, auto, ai_box = (g.n, g.names, g.size, g.pick, g.action,
+                                                      g.auto, g.ai_box)
+        ai_pick = len(names) - 1
 
         # 2. the row
         when = self._group_time()
@@ -269,7 +261,7 @@ class Simulator:
             "directory": str(cfg.image_root.resolve()), "batch_number": batch,
             "images": json.dumps(names), "ai_selected_index": ai_pick,
             "ai_crop_coords": json.dumps(ai_box) if ai_box is not None else None,
-            "ai_confidence": confidence, "user_selected_index": pick, "user_action": action,
+            "ai_confidence": shown.confidence, "user_selected_index": pick, "user_action": action,
             "final_crop_coords": None, "crop_timestamp": None,
             "image_width": size[0], "image_height": size[1],
             "selection_match": int(pick == ai_pick), "crop_match": None,
@@ -289,13 +281,13 @@ class Simulator:
                                     "needs_crop": True}
             if auto:
                 data.update(ai_crop_coords=ai_box, ai_route="suggestion", ai_crop_accepted=True)
-            elif shape == 1:
+            elif g.shape == 1:
                 data["ai_crop_coords"] = ai_box
-            elif shape == 2:
+            elif g.shape == 2:
                 data.update(ai_route="manual", ai_crop_coords=None)
             sidecar = dst / f"{Path(picked).stem}.decision"
             write_sidecar(sidecar, data)
-        group = ReviewedGroup(group_id, action, names, picked, folder, sidecar, final_box)
+        group = ReviewedGroup(group_id, action, names, picked, folder, sidecar, g.final_box)
         self.reviewed.append(group)
 
         # 4. the losers go to delete staging; some are deleted soon after
@@ -306,19 +298,12 @@ class Simulator:
                 continue
             move_into(cfg.image_root / name, staging)
             move_into(cfg.image_root / f"{Path(name).stem}.yaml", staging)
-            if delete_mask[k]:
+            if shown.delete_mask[k]:
                 doomed.append(name)
         if doomed:
             self._schedule(cfg.delete_delay_seconds, "delete", group, tuple(doomed))
         if action == "crop":
             self._schedule(cfg.crop_delay_seconds, "crop", group)
-
-    @staticmethod
-    def _box(rng: random.Random) -> list[float]:
-        # real crops keep the image's aspect ratio: equal normalized width and height
-        side = rng.uniform(0.45, 0.95)
-        x1, y1 = rng.uniform(0, 1 - side), rng.uniform(0, 1 - side)
-        return [round(x1, 6), round(y1, 6), round(x1 + side, 6), round(y1 + side, 6)]
 
     # -- the crop tool --------------------------------------------------------------------------
 
@@ -328,7 +313,7 @@ class Simulator:
         row = self._conn.execute("SELECT ai_crop_coords FROM ai_decisions WHERE group_id = ?",
                                  (group.group_id,)).fetchone()
         ai_box = json.loads(row[0]) if row and row[0] else None
-        final = group.final_box or self._box(self.rng)
+        final = group.final_box or box(self.rng)
         match = int(ai_box is not None and all(abs(a - b) <= 0.05
                                                for a, b in zip(final, ai_box, strict=True)))
         self._commit(
@@ -397,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of losers deleted from __delete_staging/ (default 0.5)")
     p.add_argument("--delete-delay-seconds", type=float, default=0.5,
                    help="delete staging -> deletion (default 0.5)")
+    p.add_argument("--review-delay-seconds", type=float, default=0.0,
+                   help="a group's images appear -> its row is committed (default 0: at once)")
+    p.add_argument("--review-gate", type=Path, default=None,
+                   help="reviews also wait until this file exists (images appear meanwhile)")
     p.add_argument("--commit-log", type=Path, default=None,
                    help="append one JSON line per committed INSERT/UPDATE")
     return p
@@ -404,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.groups < 0 or not 0.0 <= args.delete_losers_fraction <= 1.0:
-        print("--groups must be >= 0 and --delete-losers-fraction in [0, 1]", file=sys.stderr)
+    if args.groups < 0 or not 0.0 <= args.delete_losers_fraction <= 1.0 \
+            or not args.review_delay_seconds >= 0:
+        print("--groups and --review-delay-seconds must be >= 0 and --delete-losers-fraction "
+              "in [0, 1]", file=sys.stderr)
         return 2
     config = SimulatorConfig(
         decisions_dir=args.decisions, image_root=args.images, project=args.project,
@@ -413,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         crop_delay_seconds=args.crop_delay_seconds,
         delete_losers_fraction=args.delete_losers_fraction,
         delete_delay_seconds=args.delete_delay_seconds, commit_log=args.commit_log,
+        review_delay_seconds=args.review_delay_seconds, review_gate=args.review_gate,
     )
     stop = threading.Event()
 
