@@ -1,18 +1,20 @@
 """``trainingd demo``: the real daemon on a self-contained tree, run until its work is done.
 
-Builds ``<out>/`` (default ``data/demo/``) with its own ``config.toml``: a legacy project whose DB
-was written by an older script (no CHECKs) with one row per known fault, and a live project fed
-by the upstream simulator (a separate process behaving like the reviewer and the crop tool).
-The daemon (:class:`~daemon.service.Service`, the object ``trainingd run`` runs) works on the
-main thread; a conductor thread drives the story in steps, each ending on a *condition*, never
-after a fixed time (a fixed 30 s once ended before torch had even loaded on a busy box):
+Builds ``<out>/`` (default ``data/demo/``, :mod:`daemon.demo.tree`): a legacy project with one
+row per known fault, and a live project fed by the upstream simulator (a separate process
+behaving like the reviewer and the crop tool).  The daemon (:class:`~daemon.service.Service`,
+the object ``trainingd run`` runs) works on the main thread; a conductor thread drives the
+story in steps, each ending on a *condition*, never after a fixed time (a fixed 30 s once ended
+before torch had even loaded on a busy box):
 
 1. the daemon's first pass is done (DBs validated, the embedding model loaded);
 2. the simulator has reviewed its groups; it starts only now, as against a daemon that has run
    for weeks (its losers are deleted seconds after review);
 3. the daemon is idle: everything validated and embedded;
-4. the triggers ``explode`` (refused), ``retrain.json`` and ``inspect`` have results; then
-   ``summary`` has one, so the summary shows the model and the report.
+4. the triggers ``explode`` (refused), ``retrain.json`` and ``inspect`` have results;
+5. the live-accuracy act (:mod:`daemon.demo.live`): a ranker champion, new groups predicted
+   before a second simulator run reviews them, the live pass over those reviews; then
+   ``summary`` has a result, so the summary shows the model, the report and live accuracy.
 
 Then the daemon is stopped and a tour printed (:mod:`daemon.demo.tour`).  ``--max-seconds``
 caps it all: hitting it prints what was still pending and exits 75.  While waiting, one live
@@ -35,12 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from daemon.demo.sample import write_sample_project
+from daemon.demo import live
+from daemon.demo.narrate import LiveLine, model_state, queue_text, working
 from daemon.demo.tour import print_tour, trigger_result
+from daemon.demo.tree import build_tree
 from daemon.fsutil import atomic_write_text
-from daemon.logs import configure_logging, is_tty
+from daemon.logs import configure_logging
 from daemon.service import Service
-from daemon.settings import Settings, load_settings
+from daemon.settings import Settings
 
 #: sysexits EX_TEMPFAIL: the work was not done within --max-seconds; run again with more
 EXIT_CAP = 75
@@ -48,9 +52,6 @@ EXIT_INTERRUPTED = 130
 #: a daemon with nothing queued and no task for this long has caught up (events settle first)
 IDLE_SECONDS = 1.5
 POLL_SECONDS = 0.25
-#: without a terminal, the live line is printed when the step changes and then this often
-QUIET_LINE_SECONDS = 15.0
-LEGACY_ROWS = 60
 
 #: dropped once the daemon has caught up; the summary only after these have results
 FIRST_TRIGGERS: tuple[tuple[str, str], ...] = (
@@ -62,66 +63,14 @@ LAST_TRIGGERS: tuple[tuple[str, str], ...] = (("summary", ""),)
 #: the one trigger meant to fail; any other failed trigger fails the demo
 REFUSED = "explode"
 
-DEMO_CONFIG = """\
-# written by `trainingd demo`; run the same daemon again with:
-#   trainingd run --config {config}
-[paths]
-data_root = "."
-create_missing = true   # the demo makes its folders; a real config leaves this false
-
-[watcher]
-settle_seconds = 0.2
-max_wait_seconds = 1.0
-
-[service]
-heartbeat_seconds = 1
-shutdown_budget_seconds = 5
-
-[embedding]
-pretrained = "none"     # random init: a demo, never for real use
-batch_size = 16
-
-[training]
-# demo scale: a few dozen groups in three sides; promotion needs 100 test groups (not here)
-min_new_labels = 20
-holdout_fraction = 0.3
-validation_fraction = 0.2
-min_train_groups = 3
-min_holdout_groups = 1
-epochs = 5
-crop_epochs = 10
-
-[projects.studio]
-image_roots = ["photos"]
-
-[projects.legacy]  # planted faults, no images: validated and reported, never trained on
-train = false
-"""
-
-
 def run_demo(root: Path, *, max_seconds: float, groups: int, marker: str,
              out: TextIO | None = None) -> int:
     """Build the tree under ``root``, run the daemon until the demo's work is done (or the cap),
     print the tour; returns the exit code (0 done, 1 something failed, 75 the cap was hit)."""
     out = out if out is not None else sys.stdout
     started = time.monotonic()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / marker).write_text("made by trainingd demo; safe to delete\n")
-    config = root / "config.toml"
-    config.write_text(DEMO_CONFIG.format(config=config))
-    (root / "photos").mkdir(exist_ok=True)
-    settings = load_settings(config)
-    settings.decisions_dir.mkdir(parents=True, exist_ok=True)
-    _, planted = write_sample_project(settings.decisions_dir, "legacy", rows=LEGACY_ROWS)
-    log_path = root / "daemon.log"
-    print(f"demo tree: {root}", file=out)
-    print(f"  legacy.db: {LEGACY_ROWS} rows + {len(planted)} planted faults "
-          f"({', '.join(sorted(set(planted.values())))})", file=out)
-    print(f"  studio: the simulator reviews {groups} groups into photos/ once the daemon is up",
-          file=out)
-    print(f"  daemon log: {log_path} (JSON lines)", file=out)
-    print(f"running the daemon until its work is done (at most {max_seconds:g} s: "
-          "--max-seconds) ...\n", file=out, flush=True)
+    settings, config, log_path = build_tree(root, marker, groups=groups,
+                                            max_seconds=max_seconds, out=out)
 
     with open(log_path, "a", encoding="utf-8") as log_stream:
         configure_logging(settings.logging.level, "json", stream=log_stream)
@@ -158,7 +107,7 @@ class Conductor:
         self.out = out
         self.log_path = log_path
         self.config = config
-        self.tty = is_tty(out)
+        self.line = LiveLine(out)
         self.step = "the daemon's first pass"
         self.outcome = "running"  # done, cap, stopped, crashed
         self.error: str | None = None
@@ -166,10 +115,13 @@ class Conductor:
         self.dropped: list[str] = []
         self.sim: subprocess.Popen[bytes] | None = None
         self.commit_log = root / "simulator_commits.jsonl"
+        self.live_sim: subprocess.Popen[bytes] | None = None
+        self.live_log = root / "simulator_live_commits.jsonl"
+        self.gate = root / live.GATE_NAME
+        self.champion: int | None = None
+        self.champion_note = ""
         self.service_done = threading.Event()
         self._idle_since: float | None = None
-        self._shown = ("", 0.0)
-        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="demo-conductor", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -205,6 +157,7 @@ class Conductor:
                     and self._wait("the daemon to catch up", self._idle)
                     and self._drop(FIRST_TRIGGERS)
                     and self._wait("trigger results", self._results_in)
+                    and self._live_act()
                     and self._drop(LAST_TRIGGERS)
                     and self._wait("the daily summary", self._results_in))
             if done:
@@ -212,7 +165,7 @@ class Conductor:
         except Exception as exc:  # a bug in the demo: say so, and still stop the daemon
             self.outcome, self.error = "crashed", f"{type(exc).__name__}: {exc}"
         finally:
-            self._clear_live()
+            self.line.clear()
             self._stop_simulator()
             self.service.stop_requested = True  # what SIGTERM does: stop within the budget
             self.service.wake.set()
@@ -230,7 +183,7 @@ class Conductor:
             if time.monotonic() >= self.deadline:
                 self.outcome = "cap"
                 self.pending = self.describe_pending()
-                self._clear_live()
+                self.line.clear()
                 print(f"\ndemo: --max-seconds reached after {self._elapsed():.0f} s with work "
                       "still pending:", file=self.out)
                 for item in self.pending:
@@ -239,7 +192,7 @@ class Conductor:
                       "--max-seconds (the daemon's log says what it did meanwhile)",
                       file=self.out, flush=True)
                 return False
-            self._show_live()
+            self.line.show(self.step, self._live_text())
             self.service_done.wait(POLL_SECONDS)
 
     # -- the steps ------------------------------------------------------------------------------
@@ -285,6 +238,35 @@ class Conductor:
     def _results_in(self) -> bool:
         return not self._waiting_triggers()
 
+    def _live_act(self) -> bool:
+        """Predictions before reviews, then the live pass (:mod:`daemon.demo.live`)."""
+        found = trigger_result(self.settings.triggers_dir, "retrain.json")
+        self.champion, self.champion_note = live.make_champion(self.settings, found)
+        if self.champion is None:  # nothing to predict with: the summary says so
+            return True
+        self.live_sim = subprocess.Popen(
+            live.simulator_command(self.settings, self.root, gate=self.gate,
+                                   commit_log=self.live_log), stdout=subprocess.DEVNULL)
+        return (self._wait("predictions for the new groups", self._all_predicted)
+                and self._open_gate()
+                and self._wait("the reviews of predicted groups", self._live_sim_done)
+                and self._drop(live.LIVE_TRIGGERS)
+                and self._wait("live accuracy", self._live_recorded))
+
+    def _all_predicted(self) -> bool:
+        assert self.champion is not None
+        return live.predicted_groups(self.settings, self.champion) >= live.LIVE_GROUPS
+
+    def _open_gate(self) -> bool:
+        atomic_write_text(self.gate, "the demo: every new group is predicted\n")
+        return True
+
+    def _live_sim_done(self) -> bool:
+        return self.live_sim is not None and self.live_sim.poll() is not None
+
+    def _live_recorded(self) -> bool:
+        return "predict" not in self._waiting_triggers() and live.live_reviews(self.settings) > 0
+
     def _waiting_triggers(self) -> list[str]:
         folder = self.settings.triggers_dir
         return [n for n in self.dropped if trigger_result(folder, n) is None]
@@ -295,15 +277,17 @@ class Conductor:
         """One line per thing the demo was still waiting for, for the cap message."""
         items: list[str] = []
         if not self._first_pass_done():
-            items.append(f"the daemon's first pass: {self._model_state()} "
-                         f"(working: {self._working()})")
+            items.append(f"the daemon's first pass: {model_state(self.service)} "
+                         f"(working: {working(self.service)})")
         if self.sim is None:
             items.append(f"the simulator: not started ({self.groups} groups to review)")
         elif self.sim.poll() is None:
             items.append(f"the simulator: {self._reviewed()} of {self.groups} groups reviewed")
+        items += self._live_pending()
         queue = getattr(self.service, "queue", None)
         if queue is not None and (queue.depth() or self.service.current is not None):
-            items.append(f"the daemon's queue: {self._queue_text()}, working: {self._working()}")
+            items.append(f"the daemon's queue: {queue_text(self.service)}, working: "
+                         f"{working(self.service)}")
         waiting = self._waiting_triggers()
         if waiting:
             items.append(f"triggers without a result yet: {', '.join(waiting)} (in "
@@ -315,38 +299,28 @@ class Conductor:
             items.append(f"the daily summary: not written yet (in {self.settings.summaries_dir})")
         return items or ["nothing: the cap was hit as the last step finished"]
 
-    def _model_state(self) -> str:
-        pipeline = getattr(self.service, "pipeline", None)
-        if pipeline is None:
-            return "starting"
-        if pipeline.embedding_disabled:
-            return f"embedding disabled ({pipeline.embedding_disabled})"
-        state = pipeline.model.state
-        if state == "loaded":
-            return "embedding model loaded"
-        if state == "loading":
-            return ("loading the embedding model (importing torch and building CLIP: slow on "
-                    "a busy machine)")
-        if state == "failed":
-            return f"embedding model failed to load ({pipeline.model.error})"
-        return "validating the decision DBs"
+    def _live_pending(self) -> list[str]:
+        if self.live_sim is None and not self.champion_note:
+            return [f"the live act: not started (a champion, {live.LIVE_GROUPS} new groups "
+                    "predicted, then reviewed, then the live pass)"]
+        if self.live_sim is None or self.champion is None:
+            return []
+        out = []
+        predicted = live.predicted_groups(self.settings, self.champion)
+        if not self.gate.exists():
+            out.append(f"the live act: {predicted} of {live.LIVE_GROUPS} new groups predicted "
+                       f"by ranker v{self.champion} (reviews wait for all)")
+        elif self.live_sim.poll() is None:
+            out.append(f"the live act: {self._reviewed(self.live_log)} of {live.LIVE_GROUPS} "
+                       "predicted groups reviewed")
+        else:
+            out.append(f"the live act: {live.live_reviews(self.settings)} live review(s) "
+                       "recorded")
+        return out
 
-    def _working(self) -> str:
-        current = self.service.current
-        if current is None:
-            return "idle"
-        return f"{current.kind}" + (f" {current.project}" if current.project else "")
-
-    def _queue_text(self) -> str:
-        queue = getattr(self.service, "queue", None)
-        if queue is None:
-            return "queue -"
-        kinds = queue.pending_kinds()
-        return f"queue {queue.depth()}" + (f" ({', '.join(kinds)})" if kinds else "")
-
-    def _reviewed(self) -> int:
+    def _reviewed(self, log: Path | None = None) -> int:
         try:
-            with open(self.commit_log, encoding="utf-8") as fh:
+            with open(log or self.commit_log, encoding="utf-8") as fh:
                 return sum(1 for line in fh if '"event": "insert"' in line)
         except OSError:
             return 0
@@ -356,36 +330,16 @@ class Conductor:
     def _live_text(self) -> str:
         parts = [f"[{self._elapsed():4.0f} s] waiting for {self.step}"]
         if self.step == "the daemon's first pass":
-            parts.append(self._model_state())
+            parts.append(model_state(self.service))
         if self.step == "the simulator":
             parts.append(f"{self._reviewed()}/{self.groups} groups reviewed")
-        parts.append(f"{self._queue_text()}, working: {self._working()}")
+        if self.live_sim is not None:
+            parts += [p.removeprefix("the live act: ") for p in self._live_pending()]
+        parts.append(f"{queue_text(self.service)}, working: {working(self.service)}")
         waiting = self._waiting_triggers()
         if waiting:
             parts.append(f"triggers pending: {', '.join(waiting)}")
         return " | ".join(parts)
-
-    def _show_live(self) -> None:
-        """On a terminal: one line rewritten in place.  Elsewhere (a pipe, a test): a line when
-        the step changes, then one every ``QUIET_LINE_SECONDS``."""
-        line, now = self._live_text(), time.monotonic()
-        with self._lock:
-            last_step, shown_at = self._shown
-            if self.tty:
-                self.out.write("\r\x1b[K" + line[:max(40, _columns() - 1)])
-                self.out.flush()
-            elif last_step != self.step or now - shown_at >= QUIET_LINE_SECONDS:
-                print(line, file=self.out, flush=True)
-            else:
-                return
-            self._shown = (self.step, now)
-
-    def _clear_live(self) -> None:
-        with self._lock:
-            if self.tty and self._shown[0]:
-                self.out.write("\r\x1b[K")
-                self.out.flush()
-            self._shown = ("", 0.0)
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -393,22 +347,22 @@ class Conductor:
     # -- the end --------------------------------------------------------------------------------
 
     def _stop_simulator(self) -> None:
-        sim = self.sim
-        if sim is None or sim.poll() is not None:
-            return
-        sim.terminate()  # it finishes its step, closes the DB, exits 0
-        try:
-            sim.wait(30)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait()
+        for sim in (self.sim, self.live_sim):
+            if sim is None or sim.poll() is not None:
+                continue
+            sim.terminate()  # it finishes its step, closes the DB, exits 0
+            try:
+                sim.wait(30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
 
     def report(self, code: int) -> int:
         """Print the tour (or what is missing) and return the demo's exit code."""
         failed = self._unexpected_failures()
         print_tour(self.settings, out=self.out, elapsed=self._elapsed(), dropped=self.dropped,
                    log_path=self.log_path, config=self.config,
-                   complete=self.outcome == "done")
+                   complete=self.outcome == "done", champion_note=self.champion_note)
         if self.outcome == "cap":
             return EXIT_CAP
         if self.outcome == "stopped":
@@ -433,12 +387,3 @@ class Conductor:
             if name != REFUSED and found is not None and found[0] == "failed":
                 out.append(name)
         return out
-
-
-
-def _columns() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 100
-

@@ -3,8 +3,10 @@ three commands to try next.
 
 A new operator's first question after a demo is "so what did it do, and where is it?": this
 room answers from what the daemon itself left behind (trigger results, the inspection report,
-the summary JSON, and ``status``'s read-only document of the state DB), never from what the demo
-meant to do.  It writes nothing.  The commands it suggests are exact: the program as it was
+the summary JSON with its live-accuracy figures and plot, and ``status``'s read-only document
+of the state DB), never from what the demo meant to do; the one exception is said as such: how
+the demo got the champion whose live accuracy is shown (``champion_note``).
+It writes nothing.  The commands it suggests are exact: the program as it was
 invoked, the demo's own config path, and ``jq`` only where it is installed.
 """
 
@@ -45,7 +47,7 @@ def trigger_result(folder: Path, name: str) -> tuple[str, dict[str, Any]] | None
 
 
 def print_tour(settings: Settings, *, out: TextIO, elapsed: float, dropped: list[str],
-               log_path: Path, config: Path, complete: bool) -> None:
+               log_path: Path, config: Path, complete: bool, champion_note: str = "") -> None:
     """What happened, where each output is, and three commands to try next."""
     triggers = {name: trigger_result(settings.triggers_dir, name) for name in dropped}
     status = _status(settings)
@@ -55,7 +57,7 @@ def print_tour(settings: Settings, *, out: TextIO, elapsed: float, dropped: list
     summary = _load_json(summary_files.get("json"))
 
     print(f"\nwhat happened ({elapsed:.0f} s{'' if complete else ', unfinished'}):", file=out)
-    for line in _happened(status, report, triggers):
+    for line in _happened(status, report, triggers, summary, champion_note):
         print(f"  {line}", file=out)
 
     print("\nwhere it is:", file=out)
@@ -111,7 +113,8 @@ def show(path: Path) -> str:
 # -- sections -------------------------------------------------------------------------------------
 
 def _happened(status: dict[str, Any], report: dict[str, Any],
-              triggers: dict[str, tuple[str, dict[str, Any]] | None]) -> list[str]:
+              triggers: dict[str, tuple[str, dict[str, Any]] | None], summary: dict[str, Any],
+              champion_note: str) -> list[str]:
     lines = []
     for p in status.get("projects", []):
         lines.append(f"rows: {p.get('project')}: {p.get('rows')} in its DB, "
@@ -131,6 +134,9 @@ def _happened(status: dict[str, Any], report: dict[str, Any],
         lines.append(f"embedder: {embedder}" + (
             "  (random weights: demo only)" if "random-init" in embedder else ""))
     lines.extend(_models(triggers.get("retrain.json")))
+    if champion_note:
+        lines.append(f"champion: {champion_note}")
+    lines.extend(live_lines(summary))
     for name, found in triggers.items():
         lines.append(f"trigger {name}: {_trigger_outcome(found)}")
     problems = status.get("problems") or []
@@ -158,6 +164,31 @@ def _models(found: tuple[str, dict[str, Any]] | None) -> list[str]:
     return lines
 
 
+def live_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary's live-accuracy figures, one line per champion version (none without a
+    summary)."""
+    from daemon.summary.stats import fmt
+
+    live = summary.get("live_accuracy")
+    if not isinstance(live, dict):
+        return []
+    ranker, crop = live.get("ranker") or [], live.get("crop") or []
+    if not ranker:
+        return ["live accuracy: no group trainingd predicted has been reviewed yet"]
+    lines = []
+    for r in ranker:
+        now = " (champion)" if r.get("champion") else ""
+        lines.append(f"live accuracy: ranker v{r.get('version')}{now}: top-1 "
+                     f"{fmt(r.get('live_top1'))} on groups reviewed after its prediction; "
+                     f"highest-stage rule {fmt(r.get('rule_top1'))}; test side "
+                     f"{fmt(r.get('test_top1'))}")
+    for c in crop:
+        now = " (champion)" if c.get("champion") else ""
+        lines.append(f"live accuracy: crop v{c.get('version')}{now}: mean IoU "
+                     f"{fmt(c.get('live_mean_iou'))}; test side {fmt(c.get('test_mean_iou'))}")
+    return lines
+
+
 def _trigger_outcome(found: tuple[str, dict[str, Any]] | None) -> str:
     if found is None:
         return "no result yet"
@@ -179,10 +210,15 @@ def _where(settings: Settings, inspection: dict[str, Any], summary_files: dict[s
         rows.append(("inspection report", f"not written (in {show(settings.summaries_dir)})"))
     if summary_files.get("markdown"):
         md = Path(summary_files["markdown"])
-        plots = summary.get("plots") if isinstance(summary.get("plots"), dict) else {}
+        found = summary.get("plots")
+        plots: dict[str, Any] = found if isinstance(found, dict) else {}
         rows.append(("daily summary", f"{show(md)} (+ .json)"))
-        for name in sorted((plots or {}).values()):
-            rows.append(("  plot", show(md.parent / str(name))))
+        for key, name in sorted(plots.items(), key=lambda kv: str(kv[1])):
+            if key != "live_accuracy":
+                rows.append(("  plot", show(md.parent / str(name))))
+        if plots.get("live_accuracy"):
+            rows.append(("live accuracy plot", f"{show(md.parent / str(plots['live_accuracy']))}"
+                         " (the summary's \"Live accuracy\" section)"))
     else:
         rows.append(("daily summary", f"not written (in {show(settings.summaries_dir)})"))
     models = sorted(settings.models_dir.glob("*")) if settings.models_dir.is_dir() else []
