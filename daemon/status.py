@@ -170,11 +170,11 @@ def champions(models_dir: Path) -> dict[str, dict[str, Any] | None]:
         meta = registry.read_metadata(models_dir, kind, version) or {}
         metric = "top1" if kind == "ranker" else "mean_iou"
         model = (meta.get("metrics") or {}).get("model") or {}
-        raw = pointer.get(kind)
-        entry: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        entry = pointer.get(kind)
         out[kind] = {"version": version, "metric": metric, "figure": model.get(metric),
                      "n": meta.get("holdout_size"), "trained_at": meta.get("created_at"),
-                     "promoted_at": entry.get("promoted_at"), "file": entry.get("file")}
+                     "promoted_at": entry.promoted_at if entry else None,
+                     "file": entry.file if entry else None}
     return out
 
 

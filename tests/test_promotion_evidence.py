@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ from daemon.training.evidence import (
     z_value,
 )
 from daemon.training.registry import ChampionEvidence, decide_promotion
+from daemon.training.split import SplitSettings
 from daemon.training.units import key_digest
 
-SPLIT = {"seed": 0, "test_fraction": 0.2, "validation_fraction": 0.15}
+SPLIT = SplitSettings(seed=0, test_fraction=0.2, validation_fraction=0.15)
 
 
 def _hits(n: int, right: int) -> np.ndarray:
@@ -106,7 +108,7 @@ class TestPromotion:
         champ = np.ones(n)
         champ[150:] = _hits(150, 60)  # perfect on the 150 it trained on, weak elsewhere
         seen = frozenset(key_digest(k) for k in keys[:150])
-        evidence = ChampionEvidence(3, champ, seen, {**SPLIT, "seed": 7})
+        evidence = ChampionEvidence(3, champ, seen, replace(SPLIT, seed=7))
         d = decide_promotion("ranker", challenger, keys, {"highest_stage": _hits(n, 100)},
                              evidence, alpha=0.05, min_test=100, split=SPLIT)
         assert d.champion_excluded_seen == 150 and d.champion_compared_on == 150

@@ -76,7 +76,8 @@ def build_summary(settings: Settings, store: StateStore, now: datetime, *,
         "rows_to_fix": gather.rows_to_fix(store),
         "embedding_coverage": gather.coverage(store),
         "models": gather.models(settings, now),
-        "champions": registry.read_pointer(settings.models_dir),
+        "champions": {k: p.to_dict() for k, p in registry.read_pointer(settings.models_dir)
+                      .items()},
         "retrain_events": [e for e in policy.run_history(store, since=since)
                            if str(e["started_at"]) <= iso_utc(now)],
         "retrain_policy": retrain,

@@ -35,6 +35,7 @@ from daemon.store.db import StateStore
 from daemon.timeparse import iso_utc
 from daemon.training import registry
 from daemon.training.dataset import CropData, DatasetInfo, RankerData, is_random_embedder
+from daemon.training.split import SplitSettings
 
 log = structlog.get_logger("training")
 Kind = Literal["ranker", "crop"]
@@ -68,7 +69,7 @@ class TrainOutcome:
 
 def _sides(settings: Settings, projects: Sequence[str], group_ids: Sequence[str],
            side: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SplitSettings]:
     """Train / validation / test masks per example, and the split as the metadata records it.
 
     ``side``: the dataset's codes (each group on its unit's side); data built without them
@@ -95,7 +96,7 @@ def _keys(projects: Sequence[str], group_ids: Sequence[str]) -> list[str]:
 
 def _decide(settings: Settings, kind: Kind, challenger: np.ndarray, keys: Sequence[str],
             baselines: dict[str, np.ndarray], champion: registry.ChampionEvidence | None,
-            split: dict[str, Any], *, blockers: Sequence[str] = (),
+            split: SplitSettings, *, blockers: Sequence[str] = (),
             champion_note: str = "") -> registry.PromotionDecision:
     t = settings.training
     min_test = t.min_test_groups if kind == "ranker" else t.min_test_crops
@@ -151,9 +152,8 @@ def _evidence(settings: Settings, kind: Kind, version: int | None, scores: np.nd
               ) -> registry.ChampionEvidence | None:
     if version is None:
         return None
-    units = registry.read_units(settings.models_dir, kind, version)
-    return registry.ChampionEvidence(version, scores, None if units is None else units[0],
-                                     None if units is None else units[1])
+    seen, split = registry.read_units(settings.models_dir, kind, version) or (None, None)
+    return registry.ChampionEvidence(version, scores, seen, split)
 
 
 # -- the two kinds --------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def _crop(settings: Settings, data: CropData, should_stop: Callable[[], bool],
 
 def _reviewer_gate(settings: Settings, kind: Kind, embedder_id: str, loadable: bool,
                    not_loadable: str, promoted: bool, scores: np.ndarray, keys: Sequence[str],
-                   baselines: dict[str, np.ndarray], split: dict[str, Any],
+                   baselines: dict[str, np.ndarray], split: SplitSettings,
                    score_current: Callable[[Any], np.ndarray], in_features: int,
                    report: dict[str, Any]) -> dict[str, Any]:
     """Whether what the reviewer would load may replace its file, and why (or why not)."""
@@ -406,7 +406,7 @@ def run_training(settings: Settings, kind: Kind, vectors: VectorSource, *,
         "hyperparameters": settings.training.model_dump(mode="json"),
         "training": {**res["history"], "seconds": round(seconds, 3)},
         "candidates": res["candidates"],
-        "dataset": info.to_dict(), "split": res["split"], "train_size": res["train_size"],
+        "dataset": info.to_dict(), "split": res["split"].to_dict(), "train_size": res["train_size"],
         "validation_size": res["validation_size"], "holdout_size": res["holdout_size"],
         "test_size": res["holdout_size"], "metrics": res["report"],
         "baseline_copy": res["baseline_copy"], "champion_on_holdout": res["champion_report"],

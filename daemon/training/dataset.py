@@ -39,6 +39,7 @@ from daemon.images import parse_stage
 from daemon.records import VectorSource
 from daemon.settings import Settings
 from daemon.store.db import StateStore
+from daemon.training.split import SplitSettings
 from daemon.training.units import (
     SIDES,
     SPLIT_RULE,
@@ -239,16 +240,17 @@ def _stage(name: str) -> float:
 
 def _new_info(settings: Settings, kind: Kind, vectors: VectorSource) -> DatasetInfo:
     t = settings.training
-    return DatasetInfo(kind=kind, embedder_id=vectors.embedder_id, split=split_settings(t))
+    return DatasetInfo(kind=kind, embedder_id=vectors.embedder_id,
+                       split=split_settings(t).to_dict())
 
 
-def split_settings(t: Any) -> dict[str, Any]:
+def split_settings(t: Any) -> SplitSettings:
     """What defines the sides: a champion trained under other values is flagged."""
-    return {"rule": SPLIT_RULE, "unit": "union of groups sharing content or near-duplicates",
-            "seed": t.holdout_seed, "test_fraction": t.holdout_fraction,
-            "validation_fraction": t.validation_fraction,
-            "holdout_projects": list(t.holdout_projects),
-            "near_duplicate_cosine": t.near_duplicate_cosine}
+    return SplitSettings(rule=SPLIT_RULE, unit="union of groups sharing content or "
+                         "near-duplicates", seed=t.holdout_seed, test_fraction=t.holdout_fraction,
+                         validation_fraction=t.validation_fraction,
+                         holdout_projects=tuple(t.holdout_projects),
+                         near_duplicate_cosine=t.near_duplicate_cosine)
 
 
 def _coverage(info: DatasetInfo, project: str, kept: bool) -> None:

@@ -18,7 +18,7 @@ one of them is never used (crop version 2 is skipped) and never listed.
 A ``.pt`` file is a plain ``state_dict`` (loaded with ``weights_only=True``); its config and
 metrics live in the metadata beside it.  Every file is written atomically, and the pointer is
 written last, so a run killed at any moment leaves the champion as it was.  The promotion rule
-(:func:`promotion_decision`) is pure.
+(:func:`decide_promotion`) is pure.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy stays out of the start-up path of status
     import numpy as np
+    from torch import Tensor
 
     from daemon.settings import Settings
     from daemon.training.dropin import Target
 
 from daemon.fsutil import atomic_write_bytes, atomic_write_text
 from daemon.timeparse import iso_utc
+from daemon.training.split import SplitSettings
 
 PREFIX = {"ranker": "ranker", "crop": "crop_proposer"}
 POINTER = "champions.json"
@@ -82,19 +84,39 @@ def next_version(models_dir: Path, kind: str) -> int:
     return version
 
 
-def read_pointer(models_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ChampionPointer:
+    """One kind's entry in ``champions.json``: the promoted version, its file, and when."""
+
+    version: int
+    file: str | None = None
+    promoted_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "file": self.file, "promoted_at": self.promoted_at}
+
+
+def read_pointer(models_dir: Path) -> dict[str, ChampionPointer]:
+    """Per kind, the champion ``champions.json`` names; an entry without an integer version
+    (a damaged or hand-edited file) names none."""
     try:
         data = json.loads((models_dir / POINTER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    out = {}
+    for kind, e in data.items():
+        if isinstance(e, dict) and isinstance(e.get("version"), int):
+            file, at = e.get("file"), e.get("promoted_at")
+            out[str(kind)] = ChampionPointer(int(e["version"]), file if isinstance(file, str)
+                                             else None, at if isinstance(at, str) else None)
+    return out
 
 
 def champion_version(models_dir: Path, kind: str) -> int | None:
     entry = read_pointer(models_dir).get(kind)
-    if isinstance(entry, dict) and isinstance(entry.get("version"), int):
-        return int(entry["version"])
-    return None
+    return None if entry is None else entry.version
 
 
 def read_metadata(models_dir: Path, kind: str, version: int) -> dict[str, Any] | None:
@@ -117,11 +139,11 @@ def _state_bytes(state: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def load_state(path: Path) -> dict[str, Any]:
+def load_state(path: Path) -> dict[str, Tensor]:
     """A saved ``state_dict``; never unpickles anything but tensors."""
     import torch
 
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, Tensor] = torch.load(path, map_location="cpu", weights_only=True)
     return state
 
 
@@ -172,9 +194,10 @@ def promote(models_dir: Path, kind: str, version: int, state: dict[str, Any],
         if dropin is not None:
             written += _export_dropin(dropin, kind, version, data, rmeta, now)
     pointer = read_pointer(models_dir)
-    pointer[kind] = {"version": version, "file": model_path(models_dir, kind, version).name,
-                     "promoted_at": iso_utc(now)}
-    atomic_write_text(models_dir / POINTER, json.dumps(pointer, indent=2, sort_keys=True) + "\n")
+    pointer[kind] = ChampionPointer(version, model_path(models_dir, kind, version).name,
+                                    iso_utc(now))
+    atomic_write_text(models_dir / POINTER, json.dumps(
+        {k: p.to_dict() for k, p in pointer.items()}, indent=2, sort_keys=True) + "\n")
     written.append(models_dir / POINTER)
     return written
 
@@ -268,29 +291,6 @@ def baseline_score(kind: str, report: dict[str, Any]) -> float | None:
     return max(vals) if vals else None
 
 
-def promotion_decision(kind: str, report: dict[str, Any], champion_report: dict[str, Any] | None,
-                       *, baseline_copy: str | None, margin: float = 0.0,
-                       champion_note: str = "") -> tuple[bool, str]:
-    """Promote only a model that beats the baseline and the champion on today's holdout."""
-    score, base = primary_score(kind, report), baseline_score(kind, report)
-    metric = "top-1" if kind == "ranker" else "mean IoU"
-    if score is None or base is None:
-        return False, "no holdout examples to compare on"
-    if baseline_copy:
-        return False, f"only reproduces the baseline: {baseline_copy}"
-    if score <= base:
-        return False, f"{metric} {score:.4f} does not beat the baseline's {base:.4f}"
-    if champion_report is not None:
-        champ = primary_score(kind, champion_report)
-        if champ is not None and score <= champ + margin:
-            return False, (f"{metric} {score:.4f} does not beat the champion's {champ:.4f} "
-                           f"(+ margin {margin}) on today's holdout")
-        return True, (f"{metric} {score:.4f} beats the baseline's {base:.4f} and the champion's "
-                      f"{champ if champ is not None else float('nan'):.4f}")
-    note = f" ({champion_note})" if champion_note else " (no champion yet)"
-    return True, f"{metric} {score:.4f} beats the baseline's {base:.4f}{note}"
-
-
 # -- promotion on evidence (issue 12) -------------------------------------------------------------
 
 UNITS_SUFFIX = "_units.json"
@@ -302,23 +302,25 @@ def units_path(models_dir: Path, kind: str, version: int) -> Path:
 
 
 def write_units(models_dir: Path, kind: str, version: int, seen_groups: Iterable[str],
-                split: dict[str, Any]) -> Path:
+                split: SplitSettings) -> Path:
     """Record the groups (train + validation sides, as ``units.key_digest``) a model saw."""
     from daemon.training.units import key_digest
 
     path = units_path(models_dir, kind, version)
     digests = sorted({key_digest(k) for k in seen_groups})
-    atomic_write_text(path, json.dumps({"split": split, "seen_group_digests": digests}) + "\n")
+    atomic_write_text(path, json.dumps({"split": split.to_dict(),
+                                        "seen_group_digests": digests}) + "\n")
     return path
 
 
 def read_units(models_dir: Path, kind: str, version: int
-               ) -> tuple[frozenset[str], dict[str, Any]] | None:
+               ) -> tuple[frozenset[str], SplitSettings] | None:
     """``(seen group digests, split)`` of a model, or None when it recorded none (older)."""
     try:
         data = json.loads(units_path(models_dir, kind, version).read_text(encoding="utf-8"))
-        return frozenset(str(d) for d in data["seen_group_digests"]), dict(data["split"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return (frozenset(str(d) for d in data["seen_group_digests"]),
+                SplitSettings.from_dict(data["split"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -330,7 +332,7 @@ class ChampionEvidence:
     version: int
     scores: np.ndarray
     seen: frozenset[str] | None
-    split: dict[str, Any] | None
+    split: SplitSettings | None
 
 
 @dataclass
@@ -354,7 +356,7 @@ class PromotionDecision:
 
 def decide_promotion(kind: str, challenger: np.ndarray, test_keys: Sequence[str],
                      baselines: Mapping[str, np.ndarray], champion: ChampionEvidence | None, *,
-                     alpha: float, min_test: int, split: dict[str, Any],
+                     alpha: float, min_test: int, split: SplitSettings,
                      blockers: Sequence[str] = (), champion_note: str = "",
                      seed: int = 0) -> PromotionDecision:
     """Promote only a challenger that beats the best baseline and the champion, paired on the
@@ -402,10 +404,10 @@ def decide_promotion(kind: str, challenger: np.ndarray, test_keys: Sequence[str]
         else:
             out.flags.append(f"champion v{champion.version} recorded no units: compared on "
                              "every test group")
-        if champion.split is not None and _split_key(champion.split) != _split_key(split):
+        if champion.split is not None and champion.split.key() != split.key():
             out.split_changed = True
             out.flags.append(f"split changed since champion v{champion.version} "
-                             f"({_split_key(champion.split)} -> {_split_key(split)}): "
+                             f"({champion.split.key()} -> {split.key()}): "
                              f"{out.champion_excluded_seen} test groups it saw are left out")
         out.champion_compared_on = int(use.sum())
         vs_champ = compare(metric, x[use], cvec[use], against=f"champion v{champion.version}",
@@ -429,12 +431,6 @@ def decide_promotion(kind: str, challenger: np.ndarray, test_keys: Sequence[str]
     extra = "" if vs_champ is not None else f" ({champion_note or 'no champion yet'})"
     out.reason = "; ".join(_figures(label, c) for c in out.comparisons) + extra
     return out
-
-
-def _split_key(split: dict[str, Any]) -> tuple[Any, ...]:
-    return (split.get("seed"), split.get("test_fraction", split.get("holdout_fraction")),
-            split.get("validation_fraction"), tuple(split.get("holdout_projects") or ()),
-            split.get("near_duplicate_cosine"))
 
 
 def _figures(label: str, c: dict[str, Any]) -> str:
