@@ -30,6 +30,7 @@ from typing import Any
 
 from daemon.errors import StoreError
 from daemon.settings import Settings
+from daemon.status_facts import ChampionFacts, DiskUse, ReviewerFile, ReviewerFiles
 from daemon.store.db import StateStore
 from daemon.validation import discover_projects
 
@@ -90,10 +91,11 @@ def status_document(settings: Settings, now: datetime | None = None) -> dict[str
             "health": health, "exit_code": None,
             "model": beat.get("model") if beat else None,
             "backlog": _backlog(state.backlog, beat, health),
-            "champions": champions(settings.models_dir),
-            "reviewer": reviewer_files(settings.models_dir),
-            "disk": {"cache": disk_use(settings.cache_dir),
-                     "models": disk_use(settings.models_dir)},
+            "champions": {k: c and c.to_dict() for k, c in champions(settings.models_dir)
+                          .items()},
+            "reviewer": reviewer_files(settings.models_dir).to_dict(),
+            "disk": {"cache": disk_use(settings.cache_dir).to_dict(),
+                     "models": disk_use(settings.models_dir).to_dict()},
             "last_event": last_event(beat, now)}
     doc["exit_code"] = exit_code(doc)
     return doc
@@ -156,11 +158,11 @@ def _backlog(by_project: dict[str, int], beat: dict[str, Any] | None, health: st
             "images_per_second": per_second, "eta_seconds": eta}
 
 
-def champions(models_dir: Path) -> dict[str, dict[str, Any] | None]:
+def champions(models_dir: Path) -> dict[str, ChampionFacts | None]:
     """Per kind: the promoted version, its figure on the holdout, n, and when it was trained."""
     from daemon.training import registry
 
-    out: dict[str, dict[str, Any] | None] = {}
+    out: dict[str, ChampionFacts | None] = {}
     pointer = registry.read_pointer(models_dir)
     for kind in ("ranker", "crop"):
         version = registry.champion_version(models_dir, kind)
@@ -171,21 +173,20 @@ def champions(models_dir: Path) -> dict[str, dict[str, Any] | None]:
         metric = "top1" if kind == "ranker" else "mean_iou"
         model = (meta.get("metrics") or {}).get("model") or {}
         entry = pointer.get(kind)
-        out[kind] = {"version": version, "metric": metric, "figure": model.get(metric),
-                     "n": meta.get("holdout_size"), "trained_at": meta.get("created_at"),
-                     "promoted_at": entry.promoted_at if entry else None,
-                     "file": entry.file if entry else None}
+        out[kind] = ChampionFacts(version, metric, model.get(metric), meta.get("holdout_size"),
+                                  meta.get("created_at"), entry.promoted_at if entry else None,
+                                  entry.file if entry else None)
     return out
 
 
-def reviewer_files(models_dir: Path) -> dict[str, Any]:
+def reviewer_files(models_dir: Path) -> ReviewerFiles:
     """The champion files exported for the reviewer: name, size, mtime, version."""
     import json
 
     from daemon.training.registry import REVIEWER_DIR
 
     folder = models_dir / REVIEWER_DIR
-    files: list[dict[str, Any]] = []
+    files: list[ReviewerFile] = []
     try:
         entries = sorted(folder.iterdir()) if folder.is_dir() else []
     except OSError:
@@ -204,12 +205,12 @@ def reviewer_files(models_dir: Path) -> dict[str, Any]:
                 version = json.loads(meta.read_text(encoding="utf-8")).get("version")
             except (OSError, ValueError, AttributeError, RecursionError):
                 version = None
-        files.append({"name": path.name, "bytes": st.st_size, "version": version,
-                      "mtime": datetime.fromtimestamp(st.st_mtime, UTC).isoformat()})
-    return {"folder": str(folder), "files": files}
+        files.append(ReviewerFile(path.name, st.st_size, version,
+                                  datetime.fromtimestamp(st.st_mtime, UTC).isoformat()))
+    return ReviewerFiles(str(folder), tuple(files))
 
 
-def disk_use(folder: Path) -> dict[str, Any]:
+def disk_use(folder: Path) -> DiskUse:
     """Bytes and files under ``folder`` (links not followed)."""
     total = count = 0
     stack = [folder]
@@ -227,7 +228,7 @@ def disk_use(folder: Path) -> dict[str, Any]:
                         continue
         except OSError:
             continue
-    return {"path": str(folder), "bytes": total, "files": count, "human": human_bytes(total)}
+    return DiskUse(str(folder), total, count, human_bytes(total))
 
 
 def human_bytes(n: int | float | None) -> str:
