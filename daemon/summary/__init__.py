@@ -65,16 +65,14 @@ def build_summary(settings: Settings, store: StateStore, now: datetime, *,
         "day": day_label(now), "generated_at": iso_utc(written), "written_at": iso_utc(written),
         "written_late": written > now + timedelta(minutes=5),
         "window_start": iso_utc(since), "window_end": iso_utc(now),
-        "new_decisions": scan["new"],
-        "decision_notes": {"unparseable": scan["unparseable"], "unreadable": scan["unreadable"]},
+        "new_decisions": scan.new,
+        "decision_notes": {"unparseable": scan.unparseable, "unreadable": scan.unreadable},
         "projects": gather.projects(store),
-        "issues": issues,
+        "issues": issues.to_dict(),
         # flat code -> count, kept for jq recipes written against the first layout
-        "issues_by_code": dict(sorted(
-            (c, sum(v.get(c, 0) for v in issues["by_severity"].values()))
-            for c in {c for v in issues["by_severity"].values() for c in v})),
-        "rows_to_fix": gather.rows_to_fix(store),
-        "embedding_coverage": gather.coverage(store),
+        "issues_by_code": issues.by_code(),
+        "rows_to_fix": gather.rows_to_fix(store).to_dict(),
+        "embedding_coverage": gather.coverage(store).to_dict(),
         "models": gather.models(settings, now),
         "champions": {k: p.to_dict() for k, p in registry.read_pointer(settings.models_dir)
                       .items()},
@@ -86,8 +84,8 @@ def build_summary(settings: Settings, store: StateStore, now: datetime, *,
     beat("summary: crop panels")
     from daemon.summary.panels import crop_panels
 
-    summary["crop_panels"] = crop_panels(settings, store, scan["crops"], vectors)
-    summary["trend"] = gather.trend(settings.summaries_dir, now, summary, scan["per_day"])
+    summary["crop_panels"] = crop_panels(settings, store, scan.crops, vectors)
+    summary["trend"] = gather.trend(settings.summaries_dir, now, summary, scan.per_day)
     from daemon.summary import live
 
     beat("summary: live accuracy")

@@ -14,6 +14,7 @@ import heapq
 import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,20 @@ def day_label(moment: datetime) -> str:
 
 # -- decisions, by the decision's own timestamp ---------------------------------------------------
 
-def scan_sources(settings: Settings, until: datetime, beat: Beat) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SourceScan:
+    """One pass over the source DBs: decisions per project and action in the day, decisions per
+    summary day (the trend), rows whose timestamp would not parse, sources that could not be
+    read (why), and the newest finished crops (JSON-ready rows for the crop panels)."""
+
+    new: dict[str, dict[str, int]]
+    per_day: dict[str, int]
+    unparseable: dict[str, int]
+    unreadable: dict[str, str]
+    crops: list[dict[str, Any]]
+
+
+def scan_sources(settings: Settings, until: datetime, beat: Beat) -> SourceScan:
     """One pass over every live source DB: decisions per project and action in the 24 h before
     ``until``, decisions per summary day for the trend, and the latest finished crops (for the
     crop panels).  Rows after ``until`` are not counted (a summary written late shows its day)."""
@@ -78,9 +92,9 @@ def scan_sources(settings: Settings, until: datetime, beat: Beat) -> dict[str, A
             unreadable[src.project] = str(exc)
             log.warning("summary.source_unreadable", project=src.project, db=str(src.db_path),
                         error=str(exc))
-    return {"new": {p: dict(sorted(v.items())) for p, v in sorted(new.items())},
-            "per_day": per_day, "unparseable": unparseable, "unreadable": unreadable,
-            "crops": [c[3] for c in sorted(crops, key=lambda c: c[:3], reverse=True)]}
+    return SourceScan({p: dict(sorted(v.items())) for p, v in sorted(new.items())}, per_day,
+                      unparseable, unreadable,
+                      [c[3] for c in sorted(crops, key=lambda c: c[:3], reverse=True)])
 
 
 def _count_row(project: str, row: tuple[Any, ...], since: datetime, until: datetime,
@@ -124,16 +138,60 @@ def projects(store: StateStore) -> dict[str, dict[str, int]]:
     return {p: store.row_figures(p) for p in store.figures.validated_projects()}
 
 
-def issues(store: StateStore) -> dict[str, Any]:
+@dataclass(frozen=True)
+class IssueCounts:
+    """Current issues: per severity, count per code."""
+
+    by_severity: dict[str, dict[str, int]]
+
+    def by_code(self) -> dict[str, int]:
+        """Flat code -> count over every severity, sorted by code."""
+        codes = {c for v in self.by_severity.values() for c in v}
+        return {c: sum(v.get(c, 0) for v in self.by_severity.values()) for c in sorted(codes)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by_severity": self.by_severity,
+                "totals": {k: sum(v.values()) for k, v in self.by_severity.items()}}
+
+
+def issues(store: StateStore) -> IssueCounts:
     """Current issues by code, split by severity."""
     by_sev: dict[str, dict[str, int]] = {"error": {}, "warning": {}}
     for code, severity, n in store.figures.issues_by_code():
         by_sev.setdefault(severity, {})[code] = n
-    return {"by_severity": by_sev,
-            "totals": {k: sum(v.values()) for k, v in by_sev.items()}}
+    return IssueCounts(by_sev)
 
 
-def rows_to_fix(store: StateStore, limit: int = TOP_ROWS) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RowToFix:
+    """A source row with issues: its counts, its codes (first seen first), and what to do
+    about the first code (the codes table's action)."""
+
+    project: str
+    group_id: Any
+    rowid: Any
+    errors: int
+    warnings: int
+    codes: tuple[str, ...]
+    what_to_do: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"project": self.project, "group_id": self.group_id, "rowid": self.rowid,
+                "errors": self.errors, "warnings": self.warnings, "codes": list(self.codes),
+                "code": self.codes[0], "what_to_do": self.what_to_do}
+
+
+@dataclass(frozen=True)
+class RowsToFix:
+    rows: tuple[RowToFix, ...]
+    rows_with_issues: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [r.to_dict() for r in self.rows],
+                "rows_with_issues": self.rows_with_issues}
+
+
+def rows_to_fix(store: StateStore, limit: int = TOP_ROWS) -> RowsToFix:
     """The source rows with the most to fix: errors first, then warnings; one line per row
     with its first code and what the codes table says to do."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -149,27 +207,41 @@ def rows_to_fix(store: StateStore, limit: int = TOP_ROWS) -> dict[str, Any]:
                                                   r["rowid"]))
     out = []
     for r in ranked[:limit]:
-        code = r["codes"][0]
-        known = CODES.get(code)
-        out.append({**r, "code": code,
-                    "what_to_do": known.action if known else "See Documents/ISSUE_CODES.md."})
-    return {"rows": out, "rows_with_issues": len(rows)}
+        known = CODES.get(r["codes"][0])
+        out.append(RowToFix(r["project"], r["group_id"], r["rowid"], r["errors"], r["warnings"],
+                            tuple(r["codes"]),
+                            known.action if known else "See Documents/ISSUE_CODES.md."))
+    return RowsToFix(tuple(out), len(rows))
 
 
-def coverage(store: StateStore) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Coverage:
+    """Embedding coverage per project (fates, total, share embedded), or why there is none."""
+
+    available: bool
+    projects: dict[str, dict[str, Any]]
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.available:
+            return {"available": False, "reason": self.reason}
+        return {"available": True, "projects": self.projects}
+
+
+def coverage(store: StateStore) -> Coverage:
     """Embedded / failed / waiting / lost, per project (vanished images count as lost)."""
     from daemon.embedding.ledger import META_EMBEDDER, Ledger
 
     try:
         fates = Ledger(store).fates(store.get_meta(META_EMBEDDER))
     except sqlite3.OperationalError as exc:
-        return {"available": False, "reason": f"embedding tables not present ({exc})"}
+        return Coverage(False, {}, f"embedding tables not present ({exc})")
     projects = {}
     for p, f in fates.items():
         total = sum(f.values())
         projects[p] = {**f, "total": total,
                        "coverage": (f["embedded"] / total) if total else None}
-    return {"available": True, "projects": projects}
+    return Coverage(True, projects)
 
 
 # -- models, with n and intervals -----------------------------------------------------------------
