@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return _rollback(args, settings)
     doc = models_document(settings)
     if args.json:
-        json.dump(doc, sys.stdout, indent=2)
+        json.dump(doc.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(doc))
@@ -100,54 +101,106 @@ def version_row(kind: str, meta: dict[str, Any]) -> dict[str, Any]:
             "reason": meta.get("promotion_reason")}
 
 
-def models_document(settings: Settings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReviewerState:
+    """What the reviewer has for one kind: the file, whether it is the one trainingd put there
+    (sha256, ``state`` in words), the backups a rollback can use.  ``exported_at`` is known
+    only for trainingd's file; ``can_roll_back``/``can_undo`` only once the file was read."""
+
+    file: str
+    folder_exists: bool
+    export_enabled: bool
+    state: str
+    version: int | None = None
+    sha256: str | None = None
+    backups: tuple[str, ...] = ()
+    exported_at: Any = None
+    can_roll_back: bool | None = None
+    can_undo: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "folder_exists": self.folder_exists,
+                               "export_enabled": self.export_enabled, "version": self.version,
+                               "sha256": self.sha256, "state": self.state,
+                               "backups": list(self.backups)}
+        if self.version is not None:
+            out["exported_at"] = self.exported_at
+        if self.can_roll_back is not None:
+            out["can_roll_back"], out["can_undo"] = self.can_roll_back, self.can_undo
+        return out
+
+
+@dataclass(frozen=True)
+class KindListing:
+    """One kind in ``trainingd models``: the champion, every version's row, the reviewer."""
+
+    champion: int | None
+    versions: list[dict[str, Any]]
+    reviewer: ReviewerState
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"champion": self.champion, "versions": self.versions,
+                "reviewer": self.reviewer.to_dict()}
+
+
+@dataclass(frozen=True)
+class ModelsListing:
+    """The whole listing (``--json``: :meth:`to_dict`)."""
+
+    models_dir: str
+    reviewer_dir: str
+    kinds: dict[str, KindListing]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"models_dir": self.models_dir, "reviewer_dir": self.reviewer_dir,
+                "kinds": {k: v.to_dict() for k, v in self.kinds.items()}}
+
+
+def models_document(settings: Settings) -> ModelsListing:
     """Per kind: versions with figures, the champion, and what the reviewer has."""
     target = dropin.target(settings)
-    out: dict[str, Any] = {"models_dir": str(settings.models_dir),
-                           "reviewer_dir": str(target.folder), "kinds": {}}
+    kinds = {}
     for kind in dropin.KINDS:
         rows = [version_row(kind, m) for m in registry.all_metadata(settings.models_dir, kind)]
-        out["kinds"][kind] = {"champion": registry.champion_version(settings.models_dir, kind),
-                              "versions": rows, "reviewer": describe(target, kind)}
-    return out
+        kinds[kind] = KindListing(registry.champion_version(settings.models_dir, kind), rows,
+                                  describe(target, kind))
+    return ModelsListing(str(settings.models_dir), str(target.folder), kinds)
 
 
-def describe(t: dropin.Target, kind: str) -> dict[str, Any]:
+def describe(t: dropin.Target, kind: str) -> ReviewerState:
     """What the reviewer has for ``kind``: version, whether the file on disk is the one trainingd
     put there (sha256), and the backups a rollback can use."""
     path = t.path(kind)
-    out: dict[str, Any] = {"file": str(path), "folder_exists": t.folder.is_dir(),
-                           "export_enabled": t.enabled, "version": None, "sha256": None,
-                           "state": "folder missing", "backups": []}
-    if not out["folder_exists"]:
-        return out
+    base = ReviewerState(str(path), t.folder.is_dir(), t.enabled, "folder missing")
+    if not base.folder_exists:
+        return base
     try:
         disk = dropin.file_sha256(path)
     except OSError as exc:
-        out["state"] = f"unreadable: {exc}"
-        return out
+        return replace(base, state=f"unreadable: {exc}")
     entry = dropin.read_ledger(t.models_dir)[kind]
     states = dropin.effective_states(entry, disk)
     last = states[-1] if states else None
-    out["sha256"] = disk
+    version, exported_at = None, None
     if disk is None:
-        out["state"] = "missing (the reviewer uses rules only)" if not states else \
+        state = "missing (the reviewer uses rules only)" if not states else \
             "missing: removed outside trainingd (the reviewer uses rules only)"
     elif last is None or last.get("sha256") != disk:
-        out["state"] = "not trainingd's (before trainingd)" if last is None else \
+        state = "not trainingd's (before trainingd)" if last is None else \
             "changed outside trainingd"
     elif last.get("version") is None:
-        out["state"] = f"not trainingd's ({last.get('origin')})"
+        state = f"not trainingd's ({last.get('origin')})"
     else:
-        out["version"] = last["version"]
-        out["state"] = "matches (rolled back)" if "restored_at" in last else "matches"
-        out["exported_at"] = last.get("at")
-    out["backups"] = sorted(p.name for p in t.backups.glob(f"{t.names[kind]}.*.bak")) \
-        if t.backups.is_dir() else []
-    out["can_roll_back"] = any(dropin.backup_exists(t, s) and s.get("sha256") != disk
-                               for s in states[:-1])
-    out["can_undo"] = any(dropin.backup_exists(t, s) for s in entry["rolled_back"])
-    return out
+        version, exported_at = last["version"], last.get("at")
+        state = "matches (rolled back)" if "restored_at" in last else "matches"
+    backups = tuple(sorted(p.name for p in t.backups.glob(f"{t.names[kind]}.*.bak"))) \
+        if t.backups.is_dir() else ()
+    return replace(
+        base, state=state, version=version, sha256=disk, backups=backups,
+        exported_at=exported_at,
+        can_roll_back=any(dropin.backup_exists(t, s) and s.get("sha256") != disk
+                          for s in states[:-1]),
+        can_undo=any(dropin.backup_exists(t, s) for s in entry["rolled_back"]))
 
 
 def _fig(v: Any, pct: bool) -> str:
@@ -163,16 +216,16 @@ def _ci(row: dict[str, Any]) -> str:
     return f"[{float(ci[0]):+.3f}, {float(ci[1]):+.3f}]"
 
 
-def render(doc: dict[str, Any]) -> str:
+def render(doc: ModelsListing) -> str:
     lines: list[str] = []
-    for kind, entry in doc["kinds"].items():
+    for kind, entry in doc.kinds.items():
         pct = kind == "ranker"
-        champ = entry["champion"]
+        champ = entry.champion
         lines.append(f"{kind} (champion: {'v' + str(champ) if champ is not None else 'none'})")
-        if entry["versions"]:
+        if entry.versions:
             lines.append(f"  {'version':9} {'promoted':9} {'test':>7} {'best baseline':28} "
                          f"{'n':>5}  {'difference CI':18} notes")
-        for row in entry["versions"]:
+        for row in entry.versions:
             mark = "*" if row["version"] == champ else " "
             base = f"{row['best_baseline'] or '-'} {_fig(row['baseline_score'], pct)}"
             notes = []
@@ -183,26 +236,26 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"  v{row['version']!s:<7}{mark} {'yes' if row['promoted'] else 'no':9} "
                          f"{_fig(row['score'], pct):>7} {base:28} {row['n'] or '-'!s:>5}  "
                          f"{_ci(row):18} {', '.join(notes)}")
-        if not entry["versions"]:
+        if not entry.versions:
             lines.append("  no versions trained yet")
-        lines.append("  reviewer: " + reviewer_line(entry["reviewer"]))
-    lines.append(f"(registry {doc['models_dir']}; reviewer folder {doc['reviewer_dir']})")
+        lines.append("  reviewer: " + reviewer_line(entry.reviewer))
+    lines.append(f"(registry {doc.models_dir}; reviewer folder {doc.reviewer_dir})")
     return "\n".join(lines) + "\n"
 
 
-def reviewer_line(r: dict[str, Any]) -> str:
-    name = Path(r["file"]).name
-    if not r["folder_exists"]:
-        return f"{name}: folder missing ({Path(r['file']).parent}): set reviewer.models_dir"
-    state = r["state"]
-    if r.get("version") is not None:
-        state = f"trainingd v{r['version']}, sha256 {state} (exported {r.get('exported_at')})"
+def reviewer_line(r: ReviewerState) -> str:
+    name = Path(r.file).name
+    if not r.folder_exists:
+        return f"{name}: folder missing ({Path(r.file).parent}): set reviewer.models_dir"
+    state = r.state
+    if r.version is not None:
+        state = f"trainingd v{r.version}, sha256 {state} (exported {r.exported_at})"
     extra = []
-    if r.get("sha256"):
-        extra.append(f"sha256 {r['sha256'][:12]}")
-    extra.append(f"{len(r['backups'])} backup(s)")
-    if r.get("can_roll_back"):
+    if r.sha256:
+        extra.append(f"sha256 {r.sha256[:12]}")
+    extra.append(f"{len(r.backups)} backup(s)")
+    if r.can_roll_back:
         extra.append("rollback possible")
-    if not r["export_enabled"]:
+    if not r.export_enabled:
         extra.append("export off (reviewer.export = false)")
     return f"{name}: {state}; " + ", ".join(extra)

@@ -539,10 +539,10 @@ class TestKilledMidway:
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=30)
         target = dropin.target(settings)
-        assert describe(target, "ranker")["state"] in ("matches", "missing"), seed
+        assert describe(target, "ranker").state in ("matches", "missing"), seed
         promote(settings, "ranker", 10_000, T0 + timedelta(days=1))
         after = describe(target, "ranker")
-        assert (after["state"], after["version"]) == ("matches", 10_000)
+        assert (after.state, after.version) == ("matches", 10_000)
         meta = json.loads(target.meta_path("ranker").read_text())
         assert meta["sha256"] == dropin.file_sha256(target.path("ranker"))
         leftovers = [*target.folder.glob(".ranker_v3_w10.*.tmp"), *target.backups.glob(".*")]
