@@ -24,6 +24,7 @@ their result (so ``trainingd validate --json | jq`` works).  Nothing here import
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -53,6 +54,20 @@ EXIT_INTERNAL = 70
 _VERDICT_COMMANDS = frozenset({"validate", "inspect"})
 ERROR_LINES_SHOWN = 200
 DEMO_MARKER = ".trainingd-demo"
+
+
+#: sub-commands that live in their own room: name -> (module, its parser adder, its runner);
+#: adding one is one line here (the runner is imported only when its command runs)
+ROOM_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "backfill": ("daemon.backfill_cli", "add_backfill_parser", "cmd_backfill"),
+    "embed": ("daemon.embedding.cli", "add_embed_parser", "cmd_embed"),
+    "train": ("daemon.training.cli", "add_train_parser", "cmd_train"),
+    "summary": ("daemon.summary.cli", "add_summary_parser", "cmd_summary"),
+    "similar": ("daemon.similar.cli", "add_similar_parser", "cmd_similar"),
+    "models": ("daemon.models_cli", "add_models_parser", "cmd_models"),
+    "export": ("daemon.export.cli", "add_export_parser", "cmd_export"),
+    "predict": ("daemon.predict.cli", "add_predict_parser", "cmd_predict"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,27 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 600); hitting it names what was pending and exits 75")
     p.add_argument("--groups", type=int, default=40, help="groups the simulator reviews")
 
-    from daemon.backfill_cli import add_backfill_parser
-    from daemon.embedding.cli import add_embed_parser
-    from daemon.summary.cli import add_summary_parser
-    from daemon.training.cli import add_train_parser
-
-    add_backfill_parser(sub, common)
-    add_embed_parser(sub, common)
-    add_train_parser(sub, common)
-    add_summary_parser(sub, common)
-    from daemon.similar.cli import add_similar_parser
-
-    add_similar_parser(sub, common)
-    from daemon.models_cli import add_models_parser
-
-    add_models_parser(sub, common)
-    from daemon.export.cli import add_export_parser
-
-    add_export_parser(sub, common)
-    from daemon.predict.cli import add_predict_parser
-
-    add_predict_parser(sub, common)
+    for module, adder, _ in ROOM_COMMANDS.values():
+        getattr(importlib.import_module(module), adder)(sub, common)
 
     p = sub.add_parser("codes", parents=[common], help="print the table of issue codes")
     p.add_argument("--json", action="store_true")
@@ -137,11 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       args.log_format or settings.logging.format,
                       stream=sys.stdout if args.command == "run" else sys.stderr)
     handler = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect,
-               "status": cmd_status, "models": cmd_models,
-               "demo": cmd_demo, "codes": cmd_codes, "backfill": cmd_backfill,
-               "embed": cmd_embed, "train": cmd_train, "summary": cmd_summary,
-               "export": cmd_export, "similar": cmd_similar,
-               "predict": cmd_predict}[args.command]
+               "status": cmd_status, "demo": cmd_demo, "codes": cmd_codes}.get(args.command)
+    if handler is None:  # a room's own command, imported only when it runs
+        module, _, runner = ROOM_COMMANDS[args.command]
+        handler = getattr(importlib.import_module(module), runner)
     try:
         return handler(args, settings)
     except BrokenPipeError:  # `trainingd validate | head`: the reader left; not an error
@@ -316,52 +311,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     marker=DEMO_MARKER)
 
 
-def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.backfill_cli import cmd_backfill as run
-
-    return run(args, settings)
 
 
-def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.embedding.cli import cmd_embed as run
-
-    return run(args, settings)
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.training.cli import cmd_train as run
-
-    return run(args, settings)
 
 
-def cmd_summary(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.summary.cli import cmd_summary as run
-
-    return run(args, settings)
-
-
-def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.predict.cli import cmd_predict as run
-
-    return run(args, settings)
-
-
-def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.export.cli import cmd_export as run
-
-    return run(args, settings)
-
-
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.models_cli import cmd_models as run
-
-    return run(args, settings)
-
-
-def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.similar.cli import cmd_similar as run
-
-    return run(args, settings)
 
 
 def cmd_codes(args: argparse.Namespace, settings: Settings) -> int:
