@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from daemon.argtypes import positive_int
 from daemon.embedding.ledger import META_EMBEDDER, Ledger
 from daemon.errors import EmbeddingError
 from daemon.progress import phase, progress
@@ -43,15 +44,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 78  # --backend ray without the [ray] extra: a setup to fix, not a failure
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
 
 def add_embed_parser(subparsers: Any, common: argparse.ArgumentParser
                      ) -> argparse.ArgumentParser:
@@ -64,7 +56,7 @@ def add_embed_parser(subparsers: Any, common: argparse.ArgumentParser
                     "check instead that cache, index, state DB and files agree. "
                     "See Documents/EMBEDDINGS.md.")
     p.add_argument("--project", help="only this project (a [projects.NAME] of the config)")
-    p.add_argument("--limit", type=_positive, metavar="N",
+    p.add_argument("--limit", type=positive_int, metavar="N",
                    help="read at most N files that need work (unchanged files are not counted)")
     p.add_argument("--verify", action="store_true",
                    help="check cache, index and files agree; report every mismatch; embed "

@@ -20,18 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.argtypes import positive_int
 from daemon.errors import EXIT_TEMPFAIL, ConfigError, EmbeddingError
 from daemon.settings import Settings
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
 
 
 def add_export_parser(subparsers: Any, common: argparse.ArgumentParser
@@ -53,7 +44,7 @@ def add_export_parser(subparsers: Any, common: argparse.ArgumentParser
                         "parquet: vectors in an 'embedding' column of the parquet shards")
     e.add_argument("--embedder", help="export this embedder_id's vectors (default: the one "
                    "that wrote last)")
-    e.add_argument("--shard-rows", type=_positive, default=100_000, metavar="N",
+    e.add_argument("--shard-rows", type=positive_int, default=100_000, metavar="N",
                    help="rows per shard (default 100000)")
     e.add_argument("--json", action="store_true", help="print one JSON document")
     return p
