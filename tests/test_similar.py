@@ -65,7 +65,7 @@ class TestNearDuplicatePairs:
         ann = {tuple(p) for p in near_duplicate_pairs(x, 0.97, exact_limit=100, stats=st)}
         assert planted <= ann
         assert ann == exact
-        assert st.method == "ann" and st.structure == "ivf" and st.probes < st.cells
+        assert st.method == "ann" and st.structure == "cells" and st.probes < st.cells
         graph = AnnIndex(64)
         graph.add(np.arange(len(x)), x)
         hn = PairSearch()

@@ -1,10 +1,10 @@
 """Near-duplicate pairs (cosine >= a threshold) among many vectors, two ways.
 
 :func:`range_pairs`, what the leak-proof split uses above the exact limit: a range search over
-k-means cells (faiss IndexIVFFlat): every vector compared exactly with the vectors of its
-nearest cells, all at or above the threshold kept, so a dense cluster is listed whole.  It
-needs no graph: building the HNSW graph costs minutes at 200k vectors on this box, training
-the cells seconds.
+k-means cells (faiss' k-means): every vector compared exactly with the vectors of its
+nearest cells, one matrix product per cell, all at or above the threshold kept, so a dense
+cluster is listed whole.  It needs no graph: building the HNSW graph costs minutes at 200k
+vectors on this box, training the cells seconds.
 
 :func:`knn_pairs`, for a caller that already holds the HNSW index ``trainingd similar`` answers
 from: k nearest neighbours per vector, an exact cosine check, and k widened for every vector
@@ -46,7 +46,7 @@ class PairSearch:
     exact_rows: int = 0  # rows compared with every vector (their cluster exceeded MAX_K)
     completed: int = 0  # vectors in dense connected sets completed by an exact check
     pairs: int = 0
-    structure: str = "hnsw"  # "hnsw" (k-NN over the graph) or "ivf" (range search over cells)
+    structure: str = "hnsw"  # "hnsw" (k-NN over the graph) or "cells" (range search over cells)
     cells: int = 0  # k-means cells of the range search
     probes: int = 0  # cells searched per vector
 
@@ -160,8 +160,8 @@ def knn_pairs(x: np.ndarray, threshold: float, *, index: AnnIndex | None = None,
 
 # -- the range search over k-means cells ----------------------------------------------------------
 
-PROBES = 8  # cells searched around each vector's own
-QUERY_CHUNK = 16384  # vectors per range search: bounds the memory of one result buffer
+PROBES = 12  # cells searched per vector (8 missed 1 of 1000 planted pairs in 200k random)
+BLOCK_FLOATS = 1 << 24  # similarities computed at once (64 MiB): bounds a dense cell's memory
 
 
 TRAIN_PER_CELL = 40  # k-means sample per cell (faiss asks for at least 39)
@@ -177,17 +177,18 @@ def cells_for(n: int) -> int:
 def range_pairs(x: np.ndarray, threshold: float, *, probes: int = PROBES,
                 stats: PairSearch | None = None) -> np.ndarray:
     """``(p, 2)`` sorted unique pairs ``i < j`` of rows of the unit-vector matrix ``x`` whose
-    cosine is >= ``threshold``, by a range search over an inverted file (faiss IndexIVFFlat).
+    cosine is >= ``threshold``, by a range search over k-means cells.
 
-    The vectors are put in ~2 sqrt(n) k-means cells; every vector is compared exactly (float32
-    inner products) with every vector of its ``probes`` nearest cells, and every one at or above
-    the threshold is kept: no k, so a dense cluster of near duplicates is listed whole without
-    widening.  A pair is found when either vector's probed cells hold the other; two vectors at
-    cosine >= 0.97 share their nearest cells, so a miss needs both to sit on a boundary between
-    far more than ``probes`` cells (the measured recall is in Documents/SIMILARITY.md).  Why not
-    the HNSW graph: building it costs ~2.6 ms CPU per vector here (over 8 minutes for 200k),
-    while the cells are trained on a sample in seconds; the search itself is a few thousand
-    inner products per vector.  No pair the exact float32 cosine does not confirm is returned.
+    The vectors are put in ~2 sqrt(n) k-means cells (faiss' k-means on a sample); each vector
+    is compared exactly (float32 inner products, one matrix product per cell) with every
+    vector whose own cell is among its ``probes`` nearest cells, and every one at or above the
+    threshold is kept: no k, so a dense cluster of near duplicates is listed whole without
+    widening.  A pair is found when either vector's probed cells hold the other's cell; two
+    vectors at cosine >= 0.97 share their nearest cells, so a miss needs both to sit where
+    more than ``probes`` cells meet (the measured recall is in Documents/SIMILARITY.md).  Why
+    not the HNSW graph: building it costs ~2.8 ms CPU per vector here (minutes for 200k), the
+    cells are trained in seconds, and the comparisons run as matrix products.  Pairs are
+    confirmed by the same float32 product the exact search uses.
     """
     import faiss
 
@@ -195,25 +196,45 @@ def range_pairs(x: np.ndarray, threshold: float, *, probes: int = PROBES,
 
     st = stats if stats is not None else PairSearch()
     n, dim = x.shape
-    st.vectors, st.method, st.structure = n, "ann", "ivf"
+    st.vectors, st.method, st.structure = n, "ann", "cells"
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     faiss.omp_set_num_threads(threads())
     x = np.ascontiguousarray(x, dtype=np.float32)
     nlist = cells_for(n)
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed, ivf.cp.niter = 1234, TRAIN_ITERATIONS
-    sample = np.random.default_rng(0).choice(n, min(n, nlist * TRAIN_PER_CELL), replace=False)
-    ivf.train(x[np.sort(sample)])
-    ivf.add(x)
-    ivf.nprobe = min(nlist, probes)
-    st.cells, st.probes = nlist, int(ivf.nprobe)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * TRAIN_PER_CELL),
+                                                     replace=False))
+    km = faiss.Kmeans(dim, nlist, niter=TRAIN_ITERATIONS, seed=1234, spherical=True,
+                      verbose=False)
+    km.train(x[sample])
+    centres = faiss.IndexFlatIP(dim)
+    centres.add(np.ascontiguousarray(km.centroids, dtype=np.float32))
+    nprobe = min(nlist, probes)
+    _, probe = centres.search(x, nprobe)  # (n, nprobe) cells, nearest first
+    st.cells, st.probes = nlist, nprobe
+    own = probe[:, 0]
+    members_of = np.argsort(own, kind="stable")
+    mb = np.searchsorted(own[members_of], np.arange(nlist + 1))
+    cell = probe.reshape(-1)
+    asked = np.argsort(cell, kind="stable")
+    qb = np.searchsorted(cell[asked], np.arange(nlist + 1))
+    asker = asked // nprobe  # the row that probes the cell
     found: list[np.ndarray] = []
-    for s in range(0, n, QUERY_CHUNK):
-        lims, _, hits = ivf.range_search(x[s:s + QUERY_CHUNK], threshold - SLACK)
-        a = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
-        # both orders are kept (as (min, max)): b's own probes may have missed a
-        found += _confirmed(x, a, np.asarray(hits, dtype=np.int64).reshape(-1, 1), threshold)
+    for c in range(nlist):
+        members = members_of[mb[c]:mb[c + 1]]
+        if not len(members):
+            continue
+        queries = asker[qb[c]:qb[c + 1]]
+        xm = x[members]
+        step = max(1, BLOCK_FLOATS // len(members))
+        for s in range(0, len(queries), step):
+            q = queries[s:s + step]
+            i, j = np.nonzero(x[q] @ xm.T >= threshold)
+            a, b = q[i], members[j]
+            keep = a != b
+            if keep.any():
+                found.append(np.stack([np.minimum(a[keep], b[keep]),
+                                       np.maximum(a[keep], b[keep])], axis=1))
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
