@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+from daemon.store.chunks import in_chunks
 from daemon.timeparse import iso_utc
 
 if TYPE_CHECKING:
@@ -35,6 +36,23 @@ class PresentImage:
     project: str
     file_name: str
     path: str
+
+
+class ImageFacts(NamedTuple):
+    """One image on disk with what the embedding stage learned of it (a tuple: a prediction
+    pass reads tens of thousands of these, and a tuple is built at C speed)."""
+
+    file_name: str
+    path: str
+    sha256: str | None
+    width: int | None
+    height: int | None
+    stage: float | None
+    embed_code: str | None
+
+
+_FACTS = ("SELECT file_name, path, sha256, width, height, stage, embed_code FROM images "
+          "WHERE project = ? AND gone_at IS NULL")
 
 
 class ImageRepo:
@@ -92,6 +110,19 @@ class ImageRepo:
             "SELECT path FROM images WHERE project = ? AND file_name = ? AND gone_at IS NULL "
             "ORDER BY seen_at DESC LIMIT 1", (project, file_name)).fetchone()
         return None if r is None else str(r[0])
+
+    def facts(self, project: str, paths: Sequence[str] | None = None) -> list[ImageFacts]:
+        """The project's images on disk (or those of ``paths`` among them), by path, with what
+        the embedding stage learned of each (the prediction pass's input)."""
+        conn = self._store.conn
+        if paths is None:
+            return list(map(ImageFacts._make, conn.execute(_FACTS + " ORDER BY path",
+                                                           (project,))))
+        out: list[ImageFacts] = []
+        for part, marks in in_chunks(list(dict.fromkeys(paths))):
+            out.extend(map(ImageFacts._make, conn.execute(
+                f"{_FACTS} AND path IN ({marks})", (project, *part))))
+        return sorted(out, key=lambda f: f.path)
 
     def present_counts(self) -> dict[str, int]:
         """Per project: images on disk."""
