@@ -35,10 +35,14 @@ from daemon.predict.live import record_live_reviews
 from daemon.predict.store import Prediction, PredictionStore, predictions_db
 from daemon.records import ImageCandidate, Issue
 from daemon.settings import Settings
+from daemon.store.images import ImageFacts
 from daemon.timeparse import iso_utc
 
 if TYPE_CHECKING:
+    from daemon.embedding.cache import VectorCache
     from daemon.embedding.stage import EmbeddingStage
+    from daemon.predict.scoring import Champions, Rows
+    from daemon.predict.vectors import VectorBlock
     from daemon.store.db import StateStore
 
 log = structlog.get_logger("predict")
@@ -74,39 +78,33 @@ class PredictResult:
         return asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
-class ImageRow:
-    file_name: str
-    path: str
-    sha256: str | None
-    width: int | None
-    height: int | None
-    stage: float | None
-    embed_code: str | None
+def _reviewed_folder(folder: str) -> bool:
+    return any(part in REVIEWED_FOLDERS for part in folder.split(os.sep))
 
 
-def present_images(store: StateStore, project: str) -> list[ImageRow]:
-    """The project's images on disk with what the embedding stage learned of them (read only)."""
-    return [ImageRow(*r) for r in store.conn.execute(
-        "SELECT file_name, path, sha256, width, height, stage, embed_code FROM images "
-        "WHERE project = ? AND gone_at IS NULL ORDER BY path", (project,))]
-
-
-def is_reviewed(path: str) -> bool:
-    return any(part in REVIEWED_FOLDERS for part in os.path.dirname(path).split(os.sep))
-
-
-def find_groups(images: Sequence[ImageRow], *, bulk: bool) -> list[list[ImageRow]]:
-    """Groups by the upstream rule: per folder (new images), or the whole project (bulk)."""
-    folders: dict[str, list[ImageRow]] = {}
+def find_groups(images: Sequence[ImageFacts], *, bulk: bool) -> list[list[ImageFacts]]:
+    """Groups by the upstream rule: per folder (new images), or the whole project (bulk).
+    One pass over the file list: each folder is judged once, each name keyed once."""
+    folders: dict[str, list[ImageFacts]] = {}
+    reviewed: dict[str, bool] = {}
     for img in images:
-        if bulk or not is_reviewed(img.path):
-            folders.setdefault("" if bulk else os.path.dirname(img.path), []).append(img)
-    out: list[list[ImageRow]] = []
+        folder = os.path.dirname(img.path)
+        if not bulk:
+            seen = reviewed.get(folder)
+            if seen is None:
+                seen = reviewed[folder] = _reviewed_folder(folder)
+            if seen:
+                continue
+        folders.setdefault("" if bulk else folder, []).append(img)
+    out: list[list[ImageFacts]] = []
     for key in sorted(folders):
         rows = sorted(folders[key], key=lambda r: (*sort_key(r.file_name), r.path))
-        out.extend(group_sorted(rows, lambda r: r.file_name))
+        out.extend(group_sorted(rows, _name))
     return out
+
+
+def _name(row: ImageFacts) -> str:
+    return row.file_name
 
 
 def group_id_of(project: str, paths: Sequence[str]) -> str:
@@ -118,7 +116,7 @@ def group_id_of(project: str, paths: Sequence[str]) -> str:
     return f"{project}_group_{timestamp_text(os.path.basename(paths[0])) or 'notime'}_{digest}"
 
 
-def content_key(group: Sequence[ImageRow]) -> str:
+def content_key(group: Sequence[ImageFacts]) -> str:
     text = "\n".join(f"{r.file_name}\0{r.sha256 or '-'}" for r in group)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -151,7 +149,7 @@ def predict_project(settings: Settings, store: StateStore, project: str, now: da
         log.info("predict.no_champion", project=project, reason=str(exc))
         return _live(settings, project, db, now, result)
     result.ranker_version, result.crop_version = champs.ranker_version, champs.crop_version
-    groups = find_groups(present_images(store, project), bulk=bulk)
+    groups = find_groups(store.images.facts(project), bulk=bulk)
     result.groups = len(groups)
     if not groups:
         result.status, result.reason = "no_groups", "no image group waiting for review"
@@ -182,10 +180,10 @@ def _live(settings: Settings, project: str, db: Path, now: datetime, result: Pre
     return result
 
 
-def _embed(store: StateStore, project: str, batch: list[list[ImageRow]],
-           lacking: list[ImageRow], embedder_id: str,
+def _embed(store: StateStore, project: str, batch: list[list[ImageFacts]],
+           lacking: list[ImageFacts], embedder_id: str,
            stage: Callable[[], EmbeddingStage | None], result: PredictResult
-           ) -> list[list[ImageRow]]:
+           ) -> list[list[ImageFacts]]:
     """Embed ``lacking`` through the embedding stage (batched, cached by content); the batch
     again with what the stage learned.  Unchanged when no stage of this embedder is at hand."""
     if not lacking:
@@ -195,79 +193,124 @@ def _embed(store: StateStore, project: str, batch: list[list[ImageRow]],
         return batch
     ran = emb.run([ImageCandidate(project, r.file_name, Path(r.path), 0) for r in lacking])
     result.embedded += ran.embedded
-    fresh = {r.path: r for r in present_images(store, project)}
+    fresh = {r.path: r for r in store.images.facts(project, [r.path for r in lacking])}
     return [[fresh.get(r.path, r) for r in g] for g in batch]
 
 
 def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
-                   batch: list[list[ImageRow]], cache: Any, champs: Any, now: datetime,
-                   stage: Callable[[], EmbeddingStage | None], result: PredictResult) -> None:
-    from daemon.predict.scoring import GroupInput, score_groups
-    from daemon.predict.vectors import load_vectors
+                   batch: list[list[ImageFacts]], cache: VectorCache, champs: Champions,
+                   now: datetime, stage: Callable[[], EmbeddingStage | None],
+                   result: PredictResult) -> None:
+    from daemon.predict.scoring import score_rows
+    from daemon.predict.vectors import load_block
 
     # images never read yet have no content hash: embed them first (that hashes them)
     batch = _embed(store, project, batch, [r for g in batch for r in g if r.sha256 is None],
                    cache.embedder_id, stage, result)
     ids = [group_id_of(project, [r.path for r in g]) for g in batch]
     stored = pstore.stored(ids)
-    todo: list[tuple[str, list[ImageRow], str]] = []
+    todo: list[tuple[str, list[ImageFacts], str]] = []
+    versions = (champs.ranker_version, champs.crop_version)
     for gid, g in zip(ids, batch, strict=True):
         key, old = content_key(g), stored.get(gid)
         if old is not None and old.reviewed:
             result.reviewed_kept += 1
         elif old is not None and (old.content_key, old.ranker_version, old.crop_version) == (
-                key, champs.ranker_version, champs.crop_version):
+                key, *versions):
             result.unchanged += 1
         else:
             todo.append((gid, g, key))
     if not todo:
         return
-    vectors = load_vectors(cache.folder, (r.sha256 for _, g, _ in todo for r in g if r.sha256))
-    lacking = [r for _, g, _ in todo for r in g if r.sha256 not in vectors]
+    vectors = load_block(cache, champs.dim, (r.sha256 for _, g, _ in todo for r in g
+                                             if r.sha256))
+    lacking = [r for _, g, _ in todo for r in g
+               if r.sha256 not in vectors.index and r.sha256 not in vectors.damaged]
     if lacking:  # hashed but without a vector of this embedder (e.g. the embedder changed)
         fixed = _embed(store, project, [g for _, g, _ in todo], lacking, cache.embedder_id,
                        stage, result)
         todo = [(gid, g, key) for (gid, _, key), g in zip(todo, fixed, strict=True)]
-        vectors.update(load_vectors(cache.folder, (r.sha256 for _, g, _ in todo for r in g
-                                                   if r.sha256 and r.sha256 not in vectors)))
-    inputs = [GroupInput([vectors.get(r.sha256) if r.sha256 else None for r in g],
-                         [(r.width, r.height) if r.width and r.height else None for r in g],
-                         [r.stage for r in g]) for _, g, _ in todo]
-    scores = score_groups(champs, inputs)
+        vectors = load_block(cache, champs.dim, (r.sha256 for _, g, _ in todo for r in g
+                                                 if r.sha256))
+    rows, missing = _rows(todo, vectors)
+    scores = score_rows(champs, rows, len(todo))
     stamp = iso_utc(now)
     preds, issues, keys = [], [], []
-    for (gid, g, _key), inp, score in zip(todo, inputs, scores, strict=True):
-        missing = tuple(r.file_name for r, v in zip(g, inp.vectors, strict=True) if v is None)
+    boxes = scores.box.tolist()
+    for k, ((gid, g, key), gone, pick, conf) in enumerate(zip(
+            todo, missing, scores.index.tolist(), scores.confidence.tolist(), strict=True)):
         keys.append(ISSUE_KEY + gid)
-        if missing:
-            issues.append((ISSUE_KEY + gid, _issue(project, gid, g, missing, score is None)))
-        if score is None:
+        if gone:
+            issues.append((ISSUE_KEY + gid, _issue(project, gid, g, gone, pick < 0,
+                                                   vectors.damaged)))
+        if pick < 0:
             result.unpredictable += 1
             continue
-        result.partial += bool(missing)
-        preds.append(Prediction(gid, project, tuple(r.file_name for r in g), score.index,
-                                score.box, round(score.confidence, 6), content_key(g),
-                                champs.ranker_version, champs.crop_version, champs.embedder_id,
-                                stamp, missing))
+        result.partial += bool(gone)
+        box = boxes[k]
+        preds.append(Prediction(gid, project, tuple(r.file_name for r in g), pick,
+                                None if box[0] != box[0] else  # NaN: no box
+                                (round(box[0], 6), round(box[1], 6), round(box[2], 6),
+                                 round(box[3], 6)),
+                                round(conf, 6), key, champs.ranker_version,
+                                champs.crop_version, champs.embedder_id, stamp, gone))
     pstore.write(preds)
     result.predicted += len(preds)
     with store.transaction():
         store.replace_issues(project, keys, issues, now)
 
 
-def _issue(project: str, gid: str, group: list[ImageRow], missing: tuple[str, ...],
-           nothing: bool) -> Issue:
+def _rows(todo: list[tuple[str, list[ImageFacts], str]], vectors: VectorBlock
+          ) -> tuple[Rows, list[tuple[str, ...]]]:
+    """The batch's images that have a vector, as the scorer's arrays (one Python pass over the
+    images), and per group the names of those that have none."""
+    import numpy as np
+
+    from daemon.predict.scoring import Rows
+
+    at, group, position, rank, width, height, stages = [], [], [], [], [], [], []
+    missing: list[tuple[str, ...]] = []
+    index = vectors.index
+    for k, (_gid, g, _key) in enumerate(todo):
+        top = len(g) - 1
+        gone: list[str] = []
+        for i, r in enumerate(g):
+            row = index.get(r.sha256) if r.sha256 else None
+            if row is None:
+                gone.append(r.file_name)
+                continue
+            at.append(row)
+            group.append(k)
+            position.append(i)
+            rank.append(i - top)
+            width.append(r.width or 0)
+            height.append(r.height or 0)
+            stages.append(r.stage or 0.0)
+        missing.append(tuple(gone))
+    return Rows(vectors.rows[np.asarray(at, dtype=np.int64)], np.asarray(group, dtype=np.int64),
+                np.asarray(position, dtype=np.int64), np.asarray(rank, dtype=np.float32),
+                np.asarray(width, dtype=np.float64), np.asarray(height, dtype=np.float64),
+                np.asarray(stages, dtype=np.float64)), missing
+
+
+def _issue(project: str, gid: str, group: list[ImageFacts], missing: tuple[str, ...],
+           nothing: bool, damaged: dict[str, str]) -> Issue:
     codes = sorted({r.embed_code for r in group if r.file_name in missing and r.embed_code})
-    why = f" (embedding: {', '.join(codes)})" if codes else " (not embedded yet)"
+    bad = sorted({damaged[r.sha256] for r in group
+                  if r.file_name in missing and r.sha256 in damaged})
+    found = ([f"embedding: {', '.join(codes)}"] if codes else []) + bad
+    why = f" ({'; '.join(found)})" if found else " (not embedded yet)"
     what = ("no image of the group has a vector: nothing was predicted" if nothing
             else "the prediction covers the other images only")
+    fix = ("Repair the cache (`trainingd embed --verify`) or fix the image" if bad
+           else "Fix or restore the file")
     path = next(r.path for r in group if r.file_name in missing)
     return Issue(code=MISSING_CODE, severity=CODES[MISSING_CODE].severity, project=project,
                  db_file=path, group_id=gid, rowid=None, field="images",
                  value_repr=repr(list(missing)),
                  message=f"{len(missing)} of {len(group)} images have no vector{why}; {what}. "
-                         "Fix or restore the file; the group is predicted again when its "
-                         "bytes change.")
+                         f"{fix}; the group is predicted again when its bytes change or a new "
+                         "champion is promoted.")
 
 
 @dataclass(frozen=True)

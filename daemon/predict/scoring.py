@@ -3,14 +3,14 @@
 trainingd predicts with its *own* champion (``champions.json`` in the registry), as training
 evaluated it: the residual ranker sees each image's rank in its group (position minus the top
 position), and the crop net's raw output goes through :func:`project_box`, the guard trainingd
-applies to its own boxes.  Scoring is batched over many groups at once (one forward pass per
-batch of images), so cached vectors cost no more than a matrix product per group.
+applies to its own boxes.  Scoring is batched over many groups at once: one forward pass of
+the ranker over every image of the batch, the per-group argmax and softmax as numpy segment
+reductions, one pass of the crop net over the picks (no Python loop per group).
 Imports torch: import this module only inside functions that predict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,85 +91,81 @@ def load_champions(models_dir: Path, embedder_id: str, device: str = "auto") -> 
 
 
 @dataclass(frozen=True)
-class GroupInput:
-    """One group to score: its vectors (``None`` where an image has none), sizes and stages."""
+class Rows:
+    """The images of a batch of groups that have a vector, group by group (``group`` never
+    decreases): what one forward pass of each champion scores."""
 
-    vectors: Sequence[np.ndarray | None]
-    dims: Sequence[tuple[int, int] | None]
-    stages: Sequence[float | None]
+    x: np.ndarray          # (n, dim) float32 vectors
+    group: np.ndarray      # (n,) int64: which group of the batch
+    position: np.ndarray   # (n,) int64: index of the image in its whole group
+    rank: np.ndarray       # (n,) float32: position minus the group's top position
+    width: np.ndarray      # (n,) float64 pixels, 0 when unknown
+    height: np.ndarray     # (n,) float64 pixels, 0 when unknown
+    stage: np.ndarray      # (n,) float64, 0 when unknown
 
 
 @dataclass(frozen=True)
-class GroupScore:
-    index: int
-    confidence: float
-    box: tuple[float, float, float, float] | None
+class Scores:
+    """Per group of the batch: the pick (index into the whole group, -1 for a group with no
+    vector at all), its softmax confidence over the images that have vectors, and the crop box
+    of the pick (a row of NaN where there is none)."""
+
+    index: np.ndarray       # (groups,) int64
+    confidence: np.ndarray  # (groups,) float64
+    box: np.ndarray         # (groups, 4) float64
 
 
 @torch.inference_mode()
-def score_groups(champs: Champions, groups: Sequence[GroupInput]) -> list[GroupScore | None]:
-    """The pick (index into the whole group), its softmax confidence over the images that have
-    vectors, and the crop box of the pick; None for a group with no vector at all."""
-    rows: list[np.ndarray] = []
-    ranks: list[float] = []
-    owner: list[int] = []
-    position: list[int] = []
-    for g, grp in enumerate(groups):
-        top = len(grp.vectors) - 1
-        for i, v in enumerate(grp.vectors):
-            if v is not None:
-                rows.append(v)
-                ranks.append(float(i - top))
-                owner.append(g)
-                position.append(i)
-    out: list[GroupScore | None] = [None] * len(groups)
-    if not rows:
-        return out
-    x = torch.from_numpy(np.stack(rows).astype(np.float32, copy=False)).to(champs.device)
-    r = torch.tensor(ranks, dtype=torch.float32, device=champs.device)
+def score_rows(champs: Champions, rows: Rows, groups: int) -> Scores:
+    """One ranker pass over every row, the per-group argmax and softmax as segment reductions
+    (no Python loop per group), one crop pass over the picks."""
+    index = np.full(groups, -1, dtype=np.int64)
+    confidence = np.full(groups, np.nan)
+    box = np.full((groups, 4), np.nan)
+    n = len(rows.group)
+    if n == 0:
+        return Scores(index, confidence, box)
+    x = torch.from_numpy(np.ascontiguousarray(rows.x, dtype=np.float32)).to(champs.device)
     model = champs.ranker
-    scores = (model(x, r) if isinstance(model, ResidualRanker) else model(x)).float().cpu()
-    own = np.asarray(owner)
-    starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
-    ends = np.r_[starts[1:], len(own)]
-    picks: list[tuple[int, int]] = []  # (group, row)
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        seg = scores[s:e]
-        best = int(torch.argmax(seg))
-        conf = float(torch.softmax(seg, dim=0)[best])
-        g = int(own[s])
-        out[g] = GroupScore(position[s + best], conf, None)
-        picks.append((g, s + best))
+    if isinstance(model, ResidualRanker):
+        rank = torch.from_numpy(np.asarray(rows.rank, dtype=np.float32)).to(champs.device)
+        out = model(x, rank)
+    else:
+        out = model(x)
+    scores = out.float().cpu().numpy().astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, rows.group[1:] != rows.group[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    top = np.repeat(np.maximum.reduceat(scores, starts), sizes)
+    # the first row holding its group's maximum (torch.argmax's choice among equals)
+    best = np.minimum.reduceat(np.where(scores == top, np.arange(n), n), starts)
+    best = np.where(best < n, best, starts)  # a NaN score: the group's first image
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduceat(np.exp(scores - top), starts)
+    owners = rows.group[starts]
+    index[owners] = rows.position[best]
+    confidence[owners] = np.exp(scores[best] - top[best]) / total
     if champs.crop is not None:
-        _add_boxes(champs, groups, out, picks, x)
-    return out
+        box[owners] = _boxes(champs, rows, best)
+    return Scores(index, confidence, box)
 
 
-def _add_boxes(champs: Champions, groups: Sequence[GroupInput], out: list[GroupScore | None],
-               picks: list[tuple[int, int]], x: torch.Tensor) -> None:
+def _boxes(champs: Champions, rows: Rows, picks: np.ndarray) -> np.ndarray:
+    """The crop box of each picked row (NaN where its size is unknown: the reviewer's input
+    cannot be built), one forward pass."""
     assert champs.crop is not None
-    usable = []
-    extra: list[list[float]] = []
-    for g, row in picks:
-        score = out[g]
-        assert score is not None
-        dims = groups[g].dims[score.index]
-        if dims is None or dims[0] <= 0 or dims[1] <= 0:
-            continue  # no size known: the reviewer's input cannot be built
-        feats = [dims[0] / DIM_SCALE, dims[1] / DIM_SCALE]
-        if champs.crop_use_stage:
-            stage = groups[g].stages[score.index]
-            feats.append((stage or 0.0) / MAX_STAGE)
-        usable.append((g, row))
-        extra.append(feats)
-    if not usable:
-        return
-    idx = torch.tensor([row for _, row in usable], device=champs.device)
-    feats_t = torch.tensor(extra, dtype=torch.float32, device=champs.device)
-    raw = champs.crop(torch.cat([x[idx], feats_t], dim=1)).float().cpu()
-    boxes = project_box(raw).numpy()
-    for (g, _), box in zip(usable, boxes, strict=True):
-        score = out[g]
-        assert score is not None
-        out[g] = GroupScore(score.index, score.confidence,
-                            tuple(round(float(v), 6) for v in box))  # type: ignore[arg-type]
+    out = np.full((len(picks), 4), np.nan)
+    w, h = rows.width[picks], rows.height[picks]
+    usable = np.flatnonzero((w > 0) & (h > 0))
+    if len(usable) == 0:
+        return out
+    sel = picks[usable]
+    dim = rows.x.shape[1]
+    feats = np.empty((len(sel), dim + 2 + int(champs.crop_use_stage)), dtype=np.float32)
+    feats[:, :dim] = rows.x[sel]
+    feats[:, dim] = w[usable] / DIM_SCALE
+    feats[:, dim + 1] = h[usable] / DIM_SCALE
+    if champs.crop_use_stage:
+        feats[:, dim + 2] = rows.stage[sel] / MAX_STAGE
+    raw = champs.crop(torch.from_numpy(feats).to(champs.device)).float().cpu()
+    out[usable] = project_box(raw).numpy()
+    return out

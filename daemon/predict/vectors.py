@@ -1,63 +1,49 @@
-"""Reading many cached vectors fast: the prediction pass loads every image of every group.
+"""Reading a batch's cached vectors into one matrix: the prediction pass scores every image of
+every group, so its vectors go straight into the rows of one float32 block that the ranker
+then takes in a single forward pass.
 
-``np.load`` parses the ``.npy`` header with ``ast.literal_eval`` on every call (~100 us); the
-cache writes one header shape only (float32, C order, 1-D, format 1.0), so this reads the file's
-bytes and takes the vector straight from the buffer when the header is exactly that, and falls
-back to ``np.load`` otherwise.  A few threads read at once (file reads release the GIL, and a
-cold cache waits on the disk).  A missing file is simply absent from the answer.
+The reading is the export's :class:`~daemon.export.vectors.VectorReader` (one ``os.read`` per
+file into its row, the header compared with the cache's fixed one, a few threads), not
+``np.load`` per file (a header parse and a file object per call; 30,000 ``Path`` objects alone
+cost a second).  A vector that is missing, unreadable, of another shape or not unit length is
+left out: its image counts as having no vector (the caller predicts the group over the rest and
+records an issue), and :attr:`VectorBlock.damaged` says why for all but a plain missing file.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-_MAGIC = b"\x93NUMPY\x01\x00"
-_HEADER = re.compile(rb"\{'descr': '<f4', 'fortran_order': False, 'shape': \((\d+),\), \}\s*\n")
-READ_THREADS = 4
-CHUNK = 256  # paths per thread task: one future per file costs more than the read
+from daemon.embedding.cache import VectorCache
+from daemon.export.vectors import VectorReader, bad_norms
+
+_MISSING = "export_vector_missing"
 
 
-def read_vector(path: Path) -> np.ndarray | None:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if data[:8] == _MAGIC:
-        hlen = int.from_bytes(data[8:10], "little")
-        m = _HEADER.fullmatch(data[10:10 + hlen])
-        if m is not None and len(data) == 10 + hlen + 4 * int(m.group(1)):
-            return np.frombuffer(data, dtype="<f4", offset=10 + hlen)
-    try:
-        vec: np.ndarray = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return vec
+@dataclass(frozen=True)
+class VectorBlock:
+    """``rows[index[sha]]`` is the vector of ``sha``; shas with no usable vector are absent
+    from ``index``; ``damaged`` holds a sentence for those whose file exists but is bad."""
+
+    rows: np.ndarray
+    index: dict[str, int]
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
-def _read_many(paths: list[Path]) -> list[np.ndarray | None]:
-    return [read_vector(p) for p in paths]
-
-
-def load_vectors(folder: Path, shas: Iterable[str]) -> dict[str, np.ndarray]:
-    """``sha -> vector`` for every sha with a file under ``folder`` (the cache's layout)."""
+def load_block(cache: VectorCache, dim: int, shas: Iterable[str]) -> VectorBlock:
+    """The vectors of ``shas`` (duplicates read once) as float32 rows of ``dim``."""
     wanted = list(dict.fromkeys(shas))
+    rows = np.empty((len(wanted), dim), dtype=np.float32)
     if not wanted:
-        return {}
-    base = str(folder)
-    paths = [Path(f"{base}/{sha[:2]}/{sha}.npy") for sha in wanted]
-    workers = min(READ_THREADS, max(1, len(os.sched_getaffinity(0))))
-    if len(wanted) < 2 * CHUNK or workers == 1:
-        found = _read_many(paths)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="predict-read") as pool:
-            parts = pool.map(_read_many, [paths[i:i + CHUNK]
-                                          for i in range(0, len(paths), CHUNK)])
-            found = [v for part in parts for v in part]
-    return {s: v for s, v in zip(wanted, found, strict=True) if v is not None}
+        return VectorBlock(rows, {})
+    bad: dict[int, str] = {}
+    for i, code, _value, sentence in VectorReader(cache, dim).read_into(wanted, rows):
+        bad[i] = "" if code == _MISSING else sentence
+    for i in bad_norms(rows).tolist():
+        bad.setdefault(i, "the cached vector is not unit length: the file is damaged "
+                          "(`trainingd embed --verify` finds and repairs it)")
+    index = {sha: i for i, sha in enumerate(wanted) if i not in bad}
+    return VectorBlock(rows, index, {wanted[i]: why for i, why in bad.items() if why})
