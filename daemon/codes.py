@@ -323,11 +323,12 @@ _CODES: tuple[Code, ...] = (
          "Replace it with the image file or remove it; it is looked at again when it changes."),
     # -- predictions for new groups (daemon/predict) --
     Code("prediction_image_missing", "warning", "predict",
-         "An image of a group waiting for review has no vector (its embedding failed, or it is "
-         "not embedded yet), so the group's prediction covers the other images only; with no "
-         "vector at all the group gets no prediction.",
-         "Fix or restore the image (the embedding issue on the same file says what is wrong); "
-         "the group is predicted again when the image's bytes change."),
+         "An image of a group waiting for review has no vector (its embedding failed, it is "
+         "not embedded yet, or its cached vector file is damaged), so the group's prediction "
+         "covers the other images only; with no vector at all the group gets no prediction.",
+         "Fix or restore the image (the embedding issue on the same file says what is wrong), "
+         "or repair a damaged cache file with `trainingd embed --verify`; the group is "
+         "predicted again when the image's bytes change or a new champion is promoted."),
     # -- embedding exports (daemon/export): the row is left out of the export, the rest goes --
     Code("export_vector_missing", "warning", "export",
          "The state DB records a vector whose `.npy` file is gone from the cache.",
