@@ -171,6 +171,8 @@ ALLOWED = {
     "daemon/simulator.py": "plays the upstream reviewer writing its decision DB",
     "daemon/demo/sample.py": "writes demo decision DBs (upstream format)",
     "daemon/demo/simulator.py": "plays the upstream reviewer writing its decision DB",
+    "daemon/predict/store.py": "trainingd's own predictions DB (ai_data/predictions/<project>.db), "
+                               "never the state DB",
     "daemon/training/audit.py": "token ledger: store.training.token_day/add_tokens are ready; "
                                 "the file is being reworked for issue 12, move it then",
     "daemon/training/dataset.py": "one read of row_state; the file is being reworked for "
