@@ -22,11 +22,13 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,6 +190,73 @@ class TestDemoFinishesItsWork:
                                   text=True, env=loaded_demo.env, cwd=loaded_demo.base,
                                   timeout=300)
             assert proc.returncode == want, (command, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+@pytest.mark.slow
+class TestDemoLiveAccuracy:
+    """The demo's summary shows live accuracy: groups predicted before their review (issue 13).
+
+    Seen: the simulator reviewed each group the moment its images appeared and the demo never
+    waited for predictions, so its summary said "No predicted group has been reviewed yet" and
+    its live-accuracy plot was empty."""
+
+    def summary(self, run: DemoRun) -> tuple[Path, dict[str, Any]]:
+        path = next((run.root / "daily_summaries").glob("daily_summary_*.json"))
+        return path, json.loads(path.read_text())
+
+    def test_summary_table_and_plot_have_reviews(self, loaded_demo: DemoRun) -> None:
+        """The summary's live-accuracy table has the champion ranker with n > 0 in the JSON
+        and the Markdown, and its plot is a PNG on disk."""
+        assert loaded_demo.proc.returncode == 0, loaded_demo.log_tail()
+        path, doc = self.summary(loaded_demo)
+        ranker = doc["live_accuracy"]["ranker"]
+        assert ranker and any(r["champion"] for r in ranker), doc["live_accuracy"]
+        assert all(r["n"] > 0 and r["live_top1"]["n"] == r["n"] for r in ranker)
+        markdown = path.with_suffix(".md").read_text()
+        section = markdown[markdown.index("## Live accuracy"):]
+        assert "No predicted group has been reviewed yet" not in section.split("\n## ")[0]
+        assert re.search(r"^\| v\d+ \| yes \| [1-9]\d* \|", section, flags=re.M), section
+        plot = path.parent / doc["plots"]["live_accuracy"]
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_every_counted_review_came_after_its_prediction(self, loaded_demo: DemoRun
+                                                             ) -> None:
+        """Each live review in trainingd's predictions DB was predicted before the reviewer's
+        row, and names a decision row of the studio DB with the same images."""
+        root = loaded_demo.root
+        with contextlib.closing(sqlite3.connect(
+                root / "ai_data" / "predictions" / "studio.db")) as conn:
+            reviews = conn.execute(
+                "SELECT r.predicted_at, r.reviewed_at, r.decision_group_id, p.images "
+                "FROM live_reviews r JOIN ai_decisions p USING (group_id)").fetchall()
+        source = root / "training" / "ai_training_decisions" / "studio.db"
+        with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as conn:
+            rows = dict(conn.execute("SELECT group_id, images FROM ai_decisions").fetchall())
+        assert reviews, loaded_demo.log_tail()
+        for predicted, reviewed, group_id, images in reviews:
+            assert predicted < reviewed
+            assert json.loads(rows[group_id]) == json.loads(images)
+
+    def test_tour_names_live_figures_and_plot(self, loaded_demo: DemoRun) -> None:
+        """The tour says how the champion came to be, its live top-1 with n, and where the
+        live-accuracy plot is."""
+        out = loaded_demo.proc.stdout
+        assert "champion: ranker v1 made champion by the demo" in out, out
+        assert re.search(r"live accuracy: ranker v1 \(champion\): top-1 \S+ \[\S+ \S+\] "
+                         r"n=[1-9]", out), out
+        row = next(r for r in section(out, "where it is:") if "live accuracy plot" in r)
+        assert row.split()[3].endswith("_live_accuracy.png")
+        assert (loaded_demo.base / row.split()[3]).is_file()
+        assert "waiting for predictions for the new groups" in out
+
+    def test_random_weights_never_reach_the_reviewer(self, loaded_demo: DemoRun) -> None:
+        """The demo's champion (random embedder weights) is trainingd's only: no reviewer
+        file is written."""
+        models = loaded_demo.root / "ai_data" / "models"
+        pointer = json.loads((models / "champions.json").read_text())
+        assert pointer["ranker"]["version"] == 1
+        assert not (models / "reviewer").exists() or not list((models / "reviewer").iterdir())
+        assert not list(models.glob("ranker_v3_w10.pt"))
 
 
 @pytest.mark.slow

@@ -32,18 +32,23 @@ class TestReviewDelay:
         self, tmp_path: Path, procs: list[subprocess.Popen[str]]
     ) -> None:
         """With --review-delay-seconds the group's images wait in the root with no row, then
-        the row arrives naming exactly those images, and the run ends cleanly."""
+        the row arrives naming exactly those images (the commit log names each group shown),
+        and the run ends cleanly."""
         decisions, images = tmp_path / "decisions", tmp_path / "images"
         db = decisions / f"{PROJECT}.db"
+        log = tmp_path / "commits.jsonl"
         proc = start(decisions, images, "--groups", "3", "--rate", "0", "--seed", "3",
                      "--review-delay-seconds", "3", "--crop-delay-seconds", "0.1",
-                     "--delete-delay-seconds", "0.1")
+                     "--delete-delay-seconds", "0.1", "--commit-log", str(log))
         procs.append(proc)
         wait_for(lambda: len(group_names(waiting_images(images))) == 3, what="3 groups shown")
         shown = group_names(waiting_images(images))
         assert read_rows(db) == [], "a row was committed before its review delay"
         assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
         assert [json.loads(r["images"]) for r in read_rows(db)] == shown
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [e["names"] for e in events if e["event"] == "images"] == shown
+        assert [e["event"] for e in events].index("insert") == 3, "all shown, then reviewed"
         assert waiting_images(images) == [], "every image left the root once reviewed"
 
     def test_gate_holds_reviews_until_it_exists(

@@ -21,6 +21,8 @@ The counts are read from trainingd's own predictions DB, read-only.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
 import sys
 from datetime import UTC, datetime
@@ -29,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from daemon.predict.store import predictions_db
+from daemon.predict.store import names_key, predictions_db
 from daemon.settings import Settings
 
 log = structlog.get_logger("demo")
@@ -87,11 +89,36 @@ def _count(db: Path, sql: str) -> int:
         return 0
 
 
-def predicted_groups(settings: Settings, version: int) -> int:
-    """Groups of the demo's project predicted by ranker ``version`` and not reviewed yet."""
-    return _count(predictions_db(settings.data_root, PROJECT),
-                  "SELECT count(*) FROM ai_decisions WHERE ranker_version = "
-                  f"{int(version)} AND group_id NOT IN (SELECT group_id FROM live_reviews)")
+def shown_groups(commit_log: Path) -> list[list[str]]:
+    """The groups the simulator has shown so far (its ``images`` lines), as file names."""
+    try:
+        lines = commit_log.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        if '"event": "images"' in line:
+            with contextlib.suppress(ValueError):
+                out.append([str(n) for n in json.loads(line)["names"]])
+    return out
+
+
+def predicted_groups(settings: Settings, version: int, groups: list[list[str]]) -> int:
+    """How many of ``groups`` ranker ``version`` has predicted, exactly as shown (a group
+    predicted while only part of its images had arrived does not count)."""
+    db = predictions_db(settings.data_root, PROJECT)
+    if not db.is_file():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
+        try:
+            keys = {r[0] for r in conn.execute(
+                "SELECT names_key FROM ai_decisions WHERE ranker_version = ?", (version,))}
+        finally:
+            conn.close()
+    except sqlite3.Error:  # a table not made yet, or busy: ask again at the next poll
+        return 0
+    return sum(names_key(g) in keys for g in groups)
 
 
 def live_reviews(settings: Settings) -> int:

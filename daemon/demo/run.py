@@ -255,7 +255,9 @@ class Conductor:
 
     def _all_predicted(self) -> bool:
         assert self.champion is not None
-        return live.predicted_groups(self.settings, self.champion) >= live.LIVE_GROUPS
+        shown = live.shown_groups(self.live_log)
+        return (len(shown) >= live.LIVE_GROUPS
+                and live.predicted_groups(self.settings, self.champion, shown) == len(shown))
 
     def _open_gate(self) -> bool:
         atomic_write_text(self.gate, "the demo: every new group is predicted\n")
@@ -306,7 +308,8 @@ class Conductor:
         if self.live_sim is None or self.champion is None:
             return []
         out = []
-        predicted = live.predicted_groups(self.settings, self.champion)
+        predicted = live.predicted_groups(self.settings, self.champion,
+                                          live.shown_groups(self.live_log))
         if not self.gate.exists():
             out.append(f"the live act: {predicted} of {live.LIVE_GROUPS} new groups predicted "
                        f"by ranker v{self.champion} (reviews wait for all)")

@@ -188,6 +188,10 @@ class Simulator:
         images_at = self._next_images_at()
         if images_at is not None and images_at <= now:
             self._waiting.append(self._show())
+            if self.config.overlapping and self._log is not None:  # which groups now wait
+                self._log.write(json.dumps({"event": "images", "project": self.config.project,
+                                            "names": self._waiting[-1].names}) + "\n")
+                self._log.flush()
             if not self.config.overlapping:  # the reviewer's pace: images, then the row
                 self._review(self._waiting.pop(0))
                 return "review"
@@ -387,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--review-gate", type=Path, default=None,
                    help="reviews also wait until this file exists (images appear meanwhile)")
     p.add_argument("--commit-log", type=Path, default=None,
-                   help="append one JSON line per committed INSERT/UPDATE")
+                   help="append one JSON line per committed INSERT/UPDATE (and, with a "
+                   "delay or gate, one per group shown: event images)")
     return p
 
 
