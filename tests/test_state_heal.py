@@ -315,7 +315,7 @@ class TestRebuildSources:
             counts = rebuild_derived(store, settings)
             assert counts["training_runs"] == 2
             history = policy.run_history(store)
-            assert [(h["version"], h["status"]) for h in history] == [
+            assert [(h.version, h.status) for h in history] == [
                 (1, "promoted"), (2, "not_promoted")]
             cfg = settings.training.model_copy(update={"min_new_labels": 1})
             s2 = settings.model_copy(update={"training": cfg})

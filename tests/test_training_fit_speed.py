@@ -58,7 +58,7 @@ class TestEarlyStopping:
         for design, cand in res["candidates"].items():
             assert PATIENCE < cand["epochs_run"] < 40, (design, cand)
             assert cand["best_epoch"] <= cand["epochs_run"]
-        hist = res["history"]
+        hist = res["history"].to_dict()  # the metadata's "training" figures
         assert len(hist["validation_top1"]) == hist["epochs_run"]
         assert hist["validation_top1"][hist["best_epoch"] - 1] == max(hist["validation_top1"])
 

@@ -212,8 +212,8 @@ class TestRankerPlanted:
         assert set(cands) == {"residual", "scorer"}
         assert cands[res["design"]]["validation_top1"] == max(
             c["validation_top1"] for c in cands.values())
-        assert 1 <= res["history"]["best_epoch"] <= 30
-        assert res["history"]["selected_by"] == "validation top-1"
+        assert 1 <= res["history"].best_epoch <= 30
+        assert res["history"].selected_by == "validation top-1"
 
 
 class TestRankerNull:

@@ -76,8 +76,8 @@ def build_summary(settings: Settings, store: StateStore, now: datetime, *,
         "models": gather.models(settings, now),
         "champions": {k: p.to_dict() for k, p in registry.read_pointer(settings.models_dir)
                       .items()},
-        "retrain_events": [e for e in policy.run_history(store, since=since)
-                           if str(e["started_at"]) <= iso_utc(now)],
+        "retrain_events": [e.to_dict() for e in policy.run_history(store, since=since)
+                           if e.started_at <= iso_utc(now)],
         "retrain_policy": retrain,
         "audit": audit_budget(store, settings, now).to_dict(),
     }

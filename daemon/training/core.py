@@ -168,7 +168,7 @@ def _ranker_baselines(data: RankerData, keys: Sequence[str]) -> dict[str, np.nda
 
 def _ranker(settings: Settings, data: RankerData, should_stop: Callable[[], bool],
             progress: Progress | None, embedder_id: str) -> dict[str, Any]:
-    from daemon.training.fit import fit_ranker, predict_ranker
+    from daemon.training.fit import FitHistory, fit_ranker, predict_ranker
     from daemon.training.metrics import baseline_copy_reason, ranker_report
 
     hp = settings.training
@@ -181,7 +181,7 @@ def _ranker(settings: Settings, data: RankerData, should_stop: Callable[[], bool
         return None if progress is None else (lambda e: progress({**e, "design": design}))
 
     candidates: dict[str, Any] = {}
-    histories: dict[str, dict[str, Any]] = {}
+    histories: dict[str, FitHistory] = {}
     for design in ("residual", "scorer"):
         candidates[design], histories[design] = fit_ranker(
             train, hp, validation=val, design=design, should_stop=should_stop,
@@ -230,8 +230,8 @@ def _ranker(settings: Settings, data: RankerData, should_stop: Callable[[], bool
             "train_size": train.groups, "validation_size": val.groups,
             "holdout_size": test.groups, "split": split,
             "seen_keys": _keys(train.projects + val.projects, train.group_ids + val.group_ids),
-            "candidates": {d: {"validation_top1": chosen_val[d], **{k: histories[d][k] for k in (
-                "best_epoch", "epochs_run")}} for d in candidates},
+            "candidates": {d: {"validation_top1": chosen_val[d], "best_epoch": h.best_epoch,
+                               "epochs_run": h.epochs_run} for d, h in histories.items()},
             "reviewer": reviewer, "reviewer_state": scorer.state_dict()}
 
 
@@ -262,7 +262,7 @@ def _crop(settings: Settings, data: CropData, should_stop: Callable[[], bool],
     proj_t = project_box(raw_t)
     raw, proj = raw_t.numpy(), proj_t.numpy().astype(np.float32)
     report = crop_report(proj, test.boxes, test.stages, mean_box(train.boxes))
-    report["model_raw"] = box_metrics(raw, test.boxes, test.stages)
+    report["model_raw"] = box_metrics(raw, test.boxes, test.stages).to_dict()
     report["raw_output"] = raw_box_figures(raw_t, proj_t, settings.validation.aspect_tolerance)
     in_features = data.vectors.shape[1] + 2 + int(use_stage)
     keys = _keys(test.projects, test.group_ids)
@@ -404,7 +404,7 @@ def run_training(settings: Settings, kind: Kind, vectors: VectorSource, *,
         "architecture": architecture(kind, res["in_features"], settings.training.dropout,
                                      res["design"]),
         "hyperparameters": settings.training.model_dump(mode="json"),
-        "training": {**res["history"], "seconds": round(seconds, 3)},
+        "training": {**res["history"].to_dict(), "seconds": round(seconds, 3)},
         "candidates": res["candidates"],
         "dataset": info.to_dict(), "split": res["split"].to_dict(), "train_size": res["train_size"],
         "validation_size": res["validation_size"], "holdout_size": res["holdout_size"],

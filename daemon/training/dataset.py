@@ -77,7 +77,7 @@ class DatasetInfo:
                 "exclusions": dict(sorted(self.exclusions.items())), "sizes": self.sizes,
                 "checkpoints": self.checkpoints, "split": self.split,
                 "coverage": self.coverage,
-                "units": None if self.units is None else self.units.summary()}
+                "units": None if self.units is None else self.units.summary().to_dict()}
 
 
 @dataclass

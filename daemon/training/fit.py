@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -110,9 +111,33 @@ def _gain(figures: tuple[float, float, float], ref: tuple[float, float, float] |
     return figures[0] > ref[0] + top1_se or figures[1] < ref[1] - ref[2]
 
 
+@dataclass(frozen=True)
+class FitHistory:
+    """How one fit went, as the metadata's ``training`` records it: epochs run, the epoch kept
+    and why, the validation curve (``validation_key`` names it), the last loss, the loss."""
+
+    epochs: int
+    epochs_run: int
+    best_epoch: int
+    selected_by: str
+    validation_key: str
+    validation: list[float]
+    final_train_loss: float | None
+    loss: str
+    design: str | None = None  # rankers only (residual or scorer)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.design is None else {"design": self.design}
+        out.update({"epochs": self.epochs, "epochs_run": self.epochs_run,
+                    "best_epoch": self.best_epoch, "selected_by": self.selected_by,
+                    self.validation_key: self.validation,
+                    "final_train_loss": self.final_train_loss, "loss": self.loss})
+        return out
+
+
 def fit_ranker(train: RankerData, hp: TrainingSettings, *, validation: RankerData | None = None,
                design: str = "residual", should_stop: Callable[[], bool] = lambda: False,
-               progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               progress: Progress | None = None) -> tuple[nn.Module, FitHistory]:
     """Train a ranker on whole groups (only real images are scored: no padding).
 
     ``design``: ``residual`` (stage prior + correction, trainingd's own) or ``scorer`` (the
@@ -174,13 +199,14 @@ def fit_ranker(train: RankerData, hp: TrainingSettings, *, validation: RankerDat
     if best is not None:
         model.load_state_dict(best[2])
     model.eval()
-    history = {
-        "design": design, "epochs": hp.epochs, "epochs_run": len(losses),
-        "best_epoch": best[1] if best is not None else hp.epochs,
-        "selected_by": "validation top-1" if best is not None else "last epoch (no validation)",
-        "validation_top1": val_top1, "final_train_loss": losses[-1] if losses else None,
-        "loss": "listwise softmax cross-entropy on the pick, anomaly-weighted"
-                + (", added to the stage prior" if design == "residual" else "")}
+    history = FitHistory(
+        design=design, epochs=hp.epochs, epochs_run=len(losses),
+        best_epoch=best[1] if best is not None else hp.epochs,
+        selected_by="validation top-1" if best is not None else "last epoch (no validation)",
+        validation_key="validation_top1", validation=val_top1,
+        final_train_loss=losses[-1] if losses else None,
+        loss="listwise softmax cross-entropy on the pick, anomaly-weighted"
+             + (", added to the stage prior" if design == "residual" else ""))
     return model.cpu(), history
 
 
@@ -291,7 +317,7 @@ def _polish_head(head: nn.Linear, feats: torch.Tensor) -> None:
 def fit_crop(train: CropData, hp: TrainingSettings, *, use_stage: bool,
              validation: CropData | None = None,
              should_stop: Callable[[], bool] = lambda: False,
-             progress: Progress | None = None) -> tuple[CropNet, dict[str, Any]]:
+             progress: Progress | None = None) -> tuple[CropNet, FitHistory]:
     """Train the box regressor so that its raw output is the box (the reviewer's view)."""
     from daemon.training.metrics import box_iou
 
@@ -340,15 +366,15 @@ def fit_crop(train: CropData, hp: TrainingSettings, *, use_stage: bool,
         model.load_state_dict(best[2])
     refit_head(model, x)
     model.eval()
-    return model.cpu(), {
-        "epochs": hp.crop_epochs, "epochs_run": len(losses),
-        "best_epoch": best[1] if best is not None else hp.crop_epochs,
-        "selected_by": "validation mean IoU of the raw output" if best is not None
+    return model.cpu(), FitHistory(
+        epochs=hp.crop_epochs, epochs_run=len(losses),
+        best_epoch=best[1] if best is not None else hp.crop_epochs,
+        selected_by="validation mean IoU of the raw output" if best is not None
         else "last epoch (no validation)",
-        "validation_raw_mean_iou": val_iou,
-        "final_train_loss": losses[-1] if losses else None,
-        "loss": f"L1 of the raw output + (0 -> {SHAPE_WEIGHT} over the first half) * box "
-                "shape penalty (unequal sides, corner order) + 0.5 * L1 of the projected box"}
+        validation_key="validation_raw_mean_iou", validation=val_iou,
+        final_train_loss=losses[-1] if losses else None,
+        loss=f"L1 of the raw output + (0 -> {SHAPE_WEIGHT} over the first half) * box "
+             "shape penalty (unequal sides, corner order) + 0.5 * L1 of the projected box")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,27 @@ def highest_stage_picks(offsets: np.ndarray) -> np.ndarray:
     return np.diff(offsets) - 1
 
 
+@dataclass(frozen=True)
+class SelectionFigures:
+    """Top-1 agreement with the person on some groups: overall, normal, anomaly, per project
+    (a rate is None where there is no group to score)."""
+
+    groups: int
+    anomaly_groups: int
+    top1: float | None
+    top1_normal: float | None
+    top1_anomaly: float | None
+    per_project: dict[str, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "anomaly_groups": self.anomaly_groups,
+                "top1": self.top1, "top1_normal": self.top1_normal,
+                "top1_anomaly": self.top1_anomaly, "per_project": self.per_project}
+
+
 def selection_metrics(pred: np.ndarray, picks: np.ndarray, offsets: np.ndarray,
                       projects: Sequence[str], mask: np.ndarray | None = None
-                      ) -> dict[str, Any]:
+                      ) -> SelectionFigures:
     """Top-1 agreement with the person overall, on normal and anomaly groups, per project.
 
     ``mask`` limits the groups (the AI pick exists only where an AI ran)."""
@@ -40,11 +59,8 @@ def selection_metrics(pred: np.ndarray, picks: np.ndarray, offsets: np.ndarray,
         str(p): _rate(hit[sel & (names == p)]) for p in sorted(set(projects))
         if (sel & (names == p)).any()
     }
-    return {
-        "groups": int(sel.sum()), "anomaly_groups": int((sel & anomaly).sum()),
-        "top1": _rate(hit[sel]), "top1_normal": _rate(hit[sel & ~anomaly]),
-        "top1_anomaly": _rate(hit[sel & anomaly]), "per_project": per_project,
-    }
+    return SelectionFigures(int(sel.sum()), int((sel & anomaly).sum()), _rate(hit[sel]),
+                            _rate(hit[sel & ~anomaly]), _rate(hit[sel & anomaly]), per_project)
 
 
 def ranker_report(pred: np.ndarray, picks: np.ndarray, offsets: np.ndarray,
@@ -52,10 +68,10 @@ def ranker_report(pred: np.ndarray, picks: np.ndarray, offsets: np.ndarray,
     """The model's figures with both baselines on the same holdout groups."""
     base = highest_stage_picks(offsets)
     return {
-        "model": selection_metrics(pred, picks, offsets, projects),
-        "baseline_highest_stage": selection_metrics(base, picks, offsets, projects),
+        "model": selection_metrics(pred, picks, offsets, projects).to_dict(),
+        "baseline_highest_stage": selection_metrics(base, picks, offsets, projects).to_dict(),
         "recorded_ai_pick": selection_metrics(ai_picks, picks, offsets, projects,
-                                              mask=ai_picks >= 0),
+                                              mask=ai_picks >= 0).to_dict(),
         "agreement_with_baseline": _rate(pred == base),
     }
 
@@ -105,13 +121,24 @@ def stage_label(stage: float) -> str:
     return "unknown" if math.isnan(stage) else f"{stage:g}"
 
 
-def box_metrics(pred: np.ndarray, true: np.ndarray, stages: np.ndarray) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BoxMetrics:
+    """Box figures (n, IoU mean / median / sd, centre distance, corners within tolerance)
+    overall and per stage label, in the report's JSON shape."""
+
+    overall: dict[str, Any]
+    by_stage: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.overall, "by_stage": self.by_stage}
+
+
+def box_metrics(pred: np.ndarray, true: np.ndarray, stages: np.ndarray) -> BoxMetrics:
     """IoU, centre distance and corner agreement, overall and by stage."""
-    out = _box_figures(pred, true)
     labels = np.asarray([stage_label(float(s)) for s in stages], dtype=object)
-    out["by_stage"] = {lab: _box_figures(pred[labels == lab], true[labels == lab])
-                       for lab in sorted(set(labels.tolist()))}
-    return out
+    return BoxMetrics(_box_figures(pred, true),
+                      {lab: _box_figures(pred[labels == lab], true[labels == lab])
+                       for lab in sorted(set(labels.tolist()))})
 
 
 def crop_report(pred: np.ndarray, true: np.ndarray, stages: np.ndarray,
@@ -120,9 +147,9 @@ def crop_report(pred: np.ndarray, true: np.ndarray, stages: np.ndarray,
     n = len(true)
     full = np.tile(np.asarray([0.0, 0.0, 1.0, 1.0], dtype=np.float32), (n, 1))
     mean = np.tile(mean_box.astype(np.float32), (n, 1))
-    return {"model": box_metrics(pred, true, stages),
-            "baseline_full_frame": box_metrics(full, true, stages),
-            "baseline_mean_box": box_metrics(mean, true, stages),
+    return {"model": box_metrics(pred, true, stages).to_dict(),
+            "baseline_full_frame": box_metrics(full, true, stages).to_dict(),
+            "baseline_mean_box": box_metrics(mean, true, stages).to_dict(),
             "mean_box": [float(v) for v in mean_box]}
 
 

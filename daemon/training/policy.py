@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from daemon.settings import Settings, TrainingSettings
 from daemon.store.db import StateStore
+from daemon.store.training import TrainingRun
 from daemon.timeparse import parse_timestamp
 
 Kind = Literal["ranker", "crop"]
@@ -102,6 +103,6 @@ def record_run_end(store: StateStore, run_id: int, *, status: str, now: datetime
                            promoted=promoted, reason=reason, metrics=metrics, marks=marks)
 
 
-def run_history(store: StateStore, since: datetime | None = None) -> list[dict[str, Any]]:
+def run_history(store: StateStore, since: datetime | None = None) -> list[TrainingRun]:
     """Training runs, oldest first (for the summary and ``status``)."""
-    return [run.to_dict() for run in store.training.runs(since)]
+    return store.training.runs(since)

@@ -58,12 +58,15 @@ def train_in_process(settings: Settings, kind: Kind, vectors: VectorSource, *,
         return TrainOutcome(kind=kind, status="stopped", reason=str(exc))
 
 
-def settings_payload(settings: Settings) -> dict[str, Any]:
-    """Everything a child needs to rebuild the same settings."""
-    return {"settings": settings.model_dump(mode="json"), "base_dir": str(settings.base_dir)}
+def settings_payload(settings: Settings) -> str:
+    """Everything a child needs to rebuild the same settings, as the JSON text it reads."""
+    return json.dumps({"settings": settings.model_dump(mode="json"),
+                       "base_dir": str(settings.base_dir)})
 
 
-def settings_from_payload(payload: dict[str, Any]) -> Settings:
+def settings_from_payload(text: str) -> Settings:
+    """The settings :func:`settings_payload` wrote (parsed here, at the pipe)."""
+    payload = json.loads(text)
     s = Settings(**payload["settings"])
     s._base_dir = Path(payload["base_dir"])
     return s
@@ -91,7 +94,7 @@ def _run_child(settings: Settings, kind: Kind, *, vectors_factory: str,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdin is not None
     try:
-        proc.stdin.write(json.dumps(settings_payload(settings)))
+        proc.stdin.write(settings_payload(settings))
         proc.stdin.close()
     except OSError:  # the child died before reading: its exit status says why
         pass

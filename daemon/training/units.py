@@ -181,6 +181,28 @@ class GroupImages:
     vectors: np.ndarray | None = None  # (images, dim) float32, or None when not loaded
 
 
+@dataclass(frozen=True)
+class UnitsSummary:
+    """The dataset metadata's ``units`` figures: how groups were joined and where they sit."""
+
+    groups: int
+    units: int
+    groups_by_side: dict[Side, int]
+    multi_group_units: int
+    groups_in_multi_group_units: int
+    near_duplicate_pairs: int
+    moved_by_merge: int
+    search: dict[str, Any]  # how near duplicates were searched (the pair search's description)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": self.groups, "units": self.units,
+                "groups_by_side": self.groups_by_side,
+                "multi_group_units": self.multi_group_units,
+                "groups_in_multi_group_units": self.groups_in_multi_group_units,
+                "near_duplicate_pairs": self.near_duplicate_pairs,
+                "moved_by_merge": self.moved_by_merge, "search": self.search}
+
+
 @dataclass
 class Units:
     """The partition of groups into units, each unit's side, and why groups were joined."""
@@ -203,16 +225,14 @@ class Units:
         """Units with more than one group (duplicates and near duplicates)."""
         return {u: m for u, m in self.members.items() if len(m) > 1}
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> UnitsSummary:
         counts = {s: 0 for s in SIDES}
         for u in self.unit_of.values():
             counts[self.side[u]] += 1
         shared = self.shared_units()
-        return {"groups": len(self.unit_of), "units": len(self.members),
-                "groups_by_side": counts, "multi_group_units": len(shared),
-                "groups_in_multi_group_units": sum(len(m) for m in shared.values()),
-                "near_duplicate_pairs": self.near_duplicate_pairs,
-                "moved_by_merge": len(self.moved_by_merge), "search": self.search}
+        return UnitsSummary(len(self.unit_of), len(self.members), counts, len(shared),
+                            sum(len(m) for m in shared.values()), self.near_duplicate_pairs,
+                            len(self.moved_by_merge), self.search)
 
     def report_rows(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Multi-group units for the inspection report: members, side and what joined them."""

@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors-factory", required=True)
     args = parser.parse_args(argv)
     if args.settings == "-":
-        settings = settings_from_payload(json.load(sys.stdin))
+        settings = settings_from_payload(sys.stdin.read())
     else:
         with open(args.settings, encoding="utf-8") as fh:
-            settings = settings_from_payload(json.load(fh))
+            settings = settings_from_payload(fh.read())
     stop = {"flag": False}
 
     def on_term(signum: int, frame: object) -> None:
