@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,10 +53,11 @@ _EVENT_WORDS = {
 }
 
 
-def exit_code(doc: dict[str, Any]) -> int:
-    """The table in the module docstring, from a :func:`status_document`."""
-    code = _EXIT_BY_HEALTH.get(doc["health"], EXIT_UNKNOWN)
-    return EXIT_UNKNOWN if code == EXIT_RUNNING and doc["problems"] else code
+def exit_code(health: str, problems: Sequence[str]) -> int:
+    """The table in the module docstring, from a :func:`status_document`'s health word and
+    problems (a problem only matters while the daemon runs)."""
+    code = _EXIT_BY_HEALTH.get(health, EXIT_UNKNOWN)
+    return EXIT_UNKNOWN if code == EXIT_RUNNING and problems else code
 
 
 def status_document(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def status_document(settings: Settings, now: datetime | None = None) -> dict[str
             "disk": {"cache": disk_use(settings.cache_dir).to_dict(),
                      "models": disk_use(settings.models_dir).to_dict()},
             "last_event": last_event(beat, now)}
-    doc["exit_code"] = exit_code(doc)
+    doc["exit_code"] = exit_code(health, problems)
     return doc
 
 
@@ -281,7 +283,7 @@ def last_event(beat: dict[str, Any] | None, now: datetime) -> dict[str, Any] | N
 
 def print_status(settings: Settings) -> int:
     doc = status_document(settings)
-    code = exit_code(doc)
+    code = exit_code(doc["health"], doc["problems"])
     beat = doc["daemon"]
     event = doc["last_event"]["text"] if doc["last_event"] else "none yet"
     if beat is None:

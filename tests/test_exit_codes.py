@@ -207,4 +207,4 @@ class TestExitCodeTable:
         ("stopped", ["state DB unreadable"], 3), ("unknown", [], 4), ("weird", [], 4)])
     def test_health_to_exit_code(self, health: str, problems: list[str], expected: int) -> None:
         """Each health word maps to its LSB code; problems only matter while it runs."""
-        assert exit_code({"health": health, "problems": problems}) == expected
+        assert exit_code(health, problems) == expected
