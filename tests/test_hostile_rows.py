@@ -157,7 +157,7 @@ class TestValidatorGuards:
         victim = db.insert(user_action="approve")
         db.insert_many(2)
         make_db("bbb").insert_many(3)
-        import daemon.validation as validation
+        import daemon.row_pass as validation
 
         real = validation.check_row
 

@@ -31,7 +31,12 @@ from typing import Any
 
 import structlog
 
-from daemon.predict.store import names_key, predictions_db
+from daemon.predict.store import (
+    live_review_count,
+    names_key,
+    predicted_name_keys,
+    predictions_db,
+)
 from daemon.settings import Settings
 
 log = structlog.get_logger("demo")
@@ -75,20 +80,6 @@ def make_champion(settings: Settings, retrain: tuple[str, dict[str, Any]] | None
                      "files are untouched")
 
 
-def _count(db: Path, sql: str) -> int:
-    """A count from trainingd's predictions DB, read-only; 0 while it does not exist yet."""
-    if not db.is_file():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
-        try:
-            return int(conn.execute(sql).fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:  # a table not made yet, or busy: ask again at the next poll
-        return 0
-
-
 def shown_groups(commit_log: Path) -> list[list[str]]:
     """The groups the simulator has shown so far (its ``images`` lines), as file names."""
     try:
@@ -106,25 +97,19 @@ def shown_groups(commit_log: Path) -> list[list[str]]:
 def predicted_groups(settings: Settings, version: int, groups: list[list[str]]) -> int:
     """How many of ``groups`` ranker ``version`` has predicted, exactly as shown (a group
     predicted while only part of its images had arrived does not count)."""
-    db = predictions_db(settings.data_root, PROJECT)
-    if not db.is_file():
-        return 0
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
-        try:
-            keys = {r[0] for r in conn.execute(
-                "SELECT names_key FROM ai_decisions WHERE ranker_version = ?", (version,))}
-        finally:
-            conn.close()
-    except sqlite3.Error:  # a table not made yet, or busy: ask again at the next poll
+        keys = predicted_name_keys(predictions_db(settings.data_root, PROJECT), version)
+    except sqlite3.Error:  # busy: ask again at the next poll
         return 0
     return sum(names_key(g) in keys for g in groups)
 
 
 def live_reviews(settings: Settings) -> int:
     """Reviews recorded for groups trainingd predicted before them."""
-    return _count(predictions_db(settings.data_root, PROJECT),
-                  "SELECT count(*) FROM live_reviews")
+    try:
+        return live_review_count(predictions_db(settings.data_root, PROJECT))
+    except sqlite3.Error:  # busy: ask again at the next poll
+        return 0
 
 
 def simulator_command(settings: Settings, root: Path, *, gate: Path, commit_log: Path

@@ -65,9 +65,7 @@ def _not_found(message: str) -> int:
 def _files_for(store: StateStore, shas: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {s: [] for s in shas}
     for sha in shas:
-        rows = store.conn.execute("SELECT project, path FROM images WHERE sha256 = ? "
-                                  "ORDER BY project, path LIMIT 5", (sha,)).fetchall()
-        out[sha] = [f"{r[0]}:{r[1]}" for r in rows]
+        out[sha] = [f"{project}:{path}" for project, path in store.images.with_sha(sha, limit=5)]
     return out
 
 

@@ -124,6 +124,12 @@ class ImageRepo:
                 f"{_FACTS} AND path IN ({marks})", (project, *part))))
         return sorted(out, key=lambda f: f.path)
 
+    def with_sha(self, sha256: str, *, limit: int = 5) -> list[tuple[str, str]]:
+        """(project, path) of up to ``limit`` files with these bytes, by project and path."""
+        return [(str(r[0]), str(r[1])) for r in self._store.conn.execute(
+            "SELECT project, path FROM images WHERE sha256 = ? ORDER BY project, path LIMIT ?",
+            (sha256, limit))]
+
     def present_counts(self) -> dict[str, int]:
         """Per project: images on disk."""
         return {str(p): int(n) for p, n in self._store.conn.execute(

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def _reviews(settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
-    from daemon.predict.store import predictions_dir
+    from daemon.predict.store import live_review_rows, predictions_dir
 
     folder = predictions_dir(settings.data_root)
     out: list[dict[str, Any]] = []
@@ -33,13 +33,8 @@ def _reviews(settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
         return out, notes
     for db in sorted(folder.glob("*.db")):
         try:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-            try:
-                cur = conn.execute("SELECT * FROM live_reviews")
-                cols = [d[0] for d in cur.description]
-                out.extend({"project": db.stem, **dict(zip(cols, r, strict=True))} for r in cur)
-            finally:
-                conn.close()
+            cols, rows = live_review_rows(db)
+            out.extend({"project": db.stem, **dict(zip(cols, r, strict=True))} for r in rows)
         except sqlite3.Error as exc:
             notes.append(f"{db.name}: not readable now ({exc})")
     return out, notes
