@@ -45,6 +45,10 @@ _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
 CHATTY_LOGGERS = ("open_clip", "PIL", "matplotlib", "urllib3", "huggingface_hub", "filelock",
                   "timm", "torch", "torchvision", "fsspec", "httpx", "httpcore", "asyncio",
                   "h5py", "numexpr", "safetensors", "apscheduler")
+#: loggers with a debug line per file-system event (watchdog's inotify reader logs every one):
+#: at debug level they would cost more CPU than the validation they announce, so they stay at
+#: info even then (and at warning otherwise)
+EVENT_LOGGERS = ("watchdog",)
 
 
 @dataclass(slots=True)
@@ -153,6 +157,8 @@ def configure_logging(
     for name in CHATTY_LOGGERS:
         # the filter drops their chatter; the level spares formatting it at all
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    for name in EVENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     _install_hooks()
 
 

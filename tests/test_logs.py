@@ -63,3 +63,22 @@ class TestJsonLines:
                 json.loads(buf.getvalue())
         finally:
             configure_logging("info", "auto")
+
+
+class TestEventChatter:
+    """watchdog logs one debug line per file-system event; even at debug level they are not
+    ours to print (the latency bench runs at debug: they cost more CPU than the validation)."""
+
+    def test_debug_level_keeps_our_lines_and_drops_watchdogs(self) -> None:
+        """Our debug line is written, watchdog's per-event debug line is not, its warning is."""
+        buf = io.StringIO()
+        try:
+            configure_logging("debug", "json", stream=buf)
+            logging.getLogger("daemon.watcher").debug("ours")
+            logging.getLogger("watchdog.observers.inotify_buffer").debug("in-event %s", 1)
+            logging.getLogger("watchdog.observers").warning("queue overflow")
+        finally:
+            configure_logging("info", "auto")
+        text = buf.getvalue()
+        assert '"ours"' in text and "queue overflow" in text
+        assert "in-event" not in text
