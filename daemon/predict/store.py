@@ -228,42 +228,16 @@ class PredictionStore:
 
 # -- read-only questions from other rooms (the demo's conductor, the daily summary) -------------
 
-def read_only_query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of one query on a predictions DB, read-only; ``[]`` while the file, or the table,
-    does not exist yet.  Busy or damaged: raises :class:`sqlite3.Error` for the caller to
-    report."""
-    if not db.is_file():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return [tuple(r) for r in conn.execute(sql, params)]
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
-    finally:
-        conn.close()
-
-
-def live_review_count(db: Path) -> int:
-    """Reviews recorded for groups predicted before them."""
-    rows = read_only_query(db, "SELECT count(*) FROM live_reviews")
-    return int(rows[0][0]) if rows else 0
-
-
-def predicted_name_keys(db: Path, ranker_version: int) -> set[str]:
-    """The ``names_key`` of every group ranker ``ranker_version`` has predicted."""
-    return {str(r[0]) for r in read_only_query(
-        db, "SELECT names_key FROM ai_decisions WHERE ranker_version = ?", (ranker_version,))}
-
-
-def live_review_rows(db: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """The live-review table of the DB: its column names and its rows."""
+def _read_only(db: Path, sql: str, params: tuple[Any, ...] = ()
+               ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and rows of one query on a predictions DB, read-only; nothing while the
+    file, or the table, does not exist yet.  Busy or damaged: raises :class:`sqlite3.Error`
+    for the caller to report."""
     if not db.is_file():
         return [], []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        cur = conn.execute("SELECT * FROM live_reviews")
+        cur = conn.execute(sql, params)
         return [d[0] for d in cur.description], [tuple(r) for r in cur]
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
@@ -271,3 +245,20 @@ def live_review_rows(db: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
         raise
     finally:
         conn.close()
+
+
+def live_review_count(db: Path) -> int:
+    """Reviews recorded for groups predicted before them."""
+    rows = _read_only(db, "SELECT count(*) FROM live_reviews")[1]
+    return int(rows[0][0]) if rows else 0
+
+
+def predicted_name_keys(db: Path, ranker_version: int) -> set[str]:
+    """The ``names_key`` of every group ranker ``ranker_version`` has predicted."""
+    return {str(r[0]) for r in _read_only(
+        db, "SELECT names_key FROM ai_decisions WHERE ranker_version = ?", (ranker_version,))[1]}
+
+
+def live_review_rows(db: Path) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The live-review table of the DB: its column names and its rows."""
+    return _read_only(db, "SELECT * FROM live_reviews")
