@@ -2,7 +2,8 @@
 embedder, kept next to the cache, shared by ``trainingd similar``, the leak-proof split's
 near-duplicate search and the inspection report (one index, one threshold).
 
-Rooms: :mod:`.index` (the ANN structure and why faiss HNSW), :mod:`.pairs` (near-duplicate pairs:
-k-NN, exact check, widening k), :mod:`.persist` (the on-disk index keyed by content hash),
-:mod:`.live` (the heavy lane's hook after embedding batches), :mod:`.cli`.
+Rooms: :mod:`.index` (the index: exact or a PQ scan with an exact re-rank, and the cells of the
+near-duplicate search), :mod:`.pairs` (near-duplicate pairs: a range search over cells),
+:mod:`.persist` (the on-disk index keyed by content hash), :mod:`.live` (the heavy lane's hook
+after embedding batches), :mod:`.cli`.
 """

@@ -4,7 +4,9 @@ Answers from the similarity index of the embedder that wrote last (the state DB'
 after adding what the cache holds beyond the saved index, and saves the index when that
 changed it.  It never embeds: a file must have been embedded (``trainingd embed`` or the
 daemon) to be asked about.  Each neighbour is printed with its cosine and the files the state
-DB knows for its content hash.
+DB knows for its content hash, and marked a near duplicate when its cosine reaches
+``training.near_duplicate_cosine``: the threshold at which the split joins two groups into one
+unit (one threshold for this command, the split and the report).
 
 Exit codes (Documents/OPERATIONS.md): 0 answered; 1 not found (no embeddings yet, a file or
 hash with no cached vector); 78 configuration (handled by :mod:`daemon.cli`).
@@ -99,13 +101,18 @@ def cmd_similar(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
     log.info("similar.answered", sha256=sha, k=args.k, found=len(found), vectors=len(index))
+    near = settings.training.near_duplicate_cosine
     doc: dict[str, Any] = {
         "query": target, "sha256": sha, "embedder_id": embedder_id, "vectors": len(index),
-        "neighbours": [{"sha256": s, "cosine": c, "files": files[s]} for s, c in found]}
+        "near_duplicate_cosine": near,
+        "neighbours": [{"sha256": s, "cosine": c, "near_duplicate": c >= near,
+                        "files": files[s]} for s, c in found]}
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         for n in doc["neighbours"]:
-            print(f"{n['cosine']:.4f}  {n['sha256'][:16]}  {', '.join(n['files']) or '-'}")
+            mark = "near-duplicate" if n["near_duplicate"] else "              "
+            print(f"{n['cosine']:.4f}  {mark}  {n['sha256'][:16]}  "
+                  f"{', '.join(n['files']) or '-'}")
     return 0

@@ -1,9 +1,12 @@
 """The similarity index on disk, keyed by content hash, one per embedder, next to the cache.
 
-``<cache_dir>/similar/<embedder slug>/ann.npz`` holds three arrays in one file written through
-:mod:`daemon.fsutil` (temp, fsync, replace: a reader never sees half an index): ``hashes`` (the
-content hash of key ``i``), ``index`` (the serialised HNSW graph) and ``meta`` (JSON: embedder
-id, dim, library).  The index is *derived* from the vector cache, never the truth: on open it
+``<cache_dir>/similar/<embedder slug>/ann.npz`` holds the arrays of one index in one file
+streamed through :mod:`daemon.fsutil` (temp, fsync, replace: a reader never sees half an
+index): ``hashes`` (the content hash of key ``i``), ``vectors`` (row ``i``, float32),
+``codes`` (the serialised PQ codes, empty while the index is searched exactly), ``cells``
+(the near-duplicate search's k-means cells, :func:`saved_cells`), ``trained_on``,
+``cells_from`` and ``meta`` (JSON: embedder id, dim, library).  The index is *derived* from
+the vector cache, never the truth: on open it
 adds every cached vector it lacks (a crash between an embed batch and a save loses nothing),
 and a file of another embedder, another dimension, or one that cannot be read is rebuilt from
 the cache rather than trusted.  A new embedder id has its own folder, so its index is built
@@ -12,7 +15,6 @@ anew.  This room never writes into the cache's own folders.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import zipfile
@@ -23,8 +25,8 @@ import numpy as np
 import structlog
 
 from daemon.embedding.cache import VectorCache, embedder_slug
-from daemon.fsutil import atomic_write_bytes
-from daemon.similar.index import LIBRARY, AnnIndex
+from daemon.fsutil import atomic_writer
+from daemon.similar.index import LIBRARY, AnnIndex, IndexArrays
 
 log = structlog.get_logger("similar")
 FOLDER = "similar"
@@ -33,6 +35,24 @@ FILE_NAME = "ann.npz"
 
 def index_path(cache_dir: Path, embedder_id: str) -> Path:
     return cache_dir / FOLDER / embedder_slug(embedder_id) / FILE_NAME
+
+
+def saved_cells(cache_dir: Path, embedder_id: str) -> np.ndarray | None:
+    """The cells of ``embedder_id``'s saved index (only that member is read, not the vectors),
+    or None when there is no index, it is too small to have cells, or it cannot be read: the
+    near-duplicate search then trains its own (same rule, same threshold)."""
+    path = index_path(cache_dir, embedder_id)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("embedder_id") != embedder_id or meta.get("library") != LIBRARY:
+                return None
+            cells = np.asarray(z["cells"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        if path.exists():
+            log.warning("similar.cells_unreadable", path=str(path), error=str(exc)[:300])
+        return None
+    return cells if cells.ndim == 2 and len(cells) else None
 
 
 class SimilarIndex:
@@ -65,13 +85,16 @@ class SimilarIndex:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                if meta.get("embedder_id") != self.cache.embedder_id:
+                    raise ValueError(f"made for embedder {meta.get('embedder_id')!r}")
+                if meta.get("library") != LIBRARY:  # e.g. an HNSW graph or usearch of before
+                    raise ValueError(f"made by {meta.get('library')!r}, not {LIBRARY!r}")
                 hashes = [h.decode() for h in z["hashes"].tolist()]
-                raw = z["index"].tobytes()
-            if meta.get("embedder_id") != self.cache.embedder_id:
-                raise ValueError(f"made for embedder {meta.get('embedder_id')!r}")
-            if meta.get("library") != LIBRARY:  # e.g. a usearch graph from before faiss
-                raise ValueError(f"made by {meta.get('library')!r}, not {LIBRARY!r}")
-            ann = AnnIndex.from_bytes(raw, int(meta["dim"]))
+                ann = AnnIndex.from_arrays(IndexArrays(
+                    z["vectors"], z["codes"], int(z["trained_on"]), z["cells"],
+                    int(z["cells_from"])))
+            if ann.dim != int(meta["dim"]):
+                raise ValueError(f"{ann.dim}-d vectors, meta says {meta['dim']}")
             if len(ann) != len(hashes):
                 raise ValueError(f"{len(ann)} vectors but {len(hashes)} hashes")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, zipfile.BadZipFile,
@@ -128,15 +151,18 @@ class SimilarIndex:
     def save(self) -> Path:
         """Write the index whole (temp file, fsync, replace) when it changed."""
         if self.ann is not None and self.dirty:
-            buf = io.BytesIO()
             meta = {"embedder_id": self.cache.embedder_id, "dim": self.ann.dim,
-                    "library": LIBRARY, "vectors": len(self)}
-            np.savez(buf, meta=np.array(json.dumps(meta)),
-                     hashes=np.array([h.encode() for h in self.hashes], dtype="S64"),
-                     index=np.frombuffer(self.ann.to_bytes(), dtype=np.uint8))
-            atomic_write_bytes(self.path, buf.getvalue())
+                    "library": LIBRARY, "vectors": len(self), "structure": self.ann.structure}
+            state = self.ann.arrays()
+            with atomic_writer(self.path) as fh:  # streamed: no second copy in memory
+                np.savez(fh, meta=np.array(json.dumps(meta)),
+                         hashes=np.array([h.encode() for h in self.hashes], dtype="S64"),
+                         vectors=state.vectors, codes=state.codes, cells=state.cells,
+                         trained_on=np.array(state.trained_on, dtype=np.int64),
+                         cells_from=np.array(state.cells_from, dtype=np.int64))
+                size = fh.tell()
             self.dirty = False
             log.info("similar.index_saved", path=str(self.path), vectors=len(self),
-                     bytes=buf.tell())
+                     bytes=size, structure=self.ann.structure)
         self.saved_at = time.monotonic()
         return self.path

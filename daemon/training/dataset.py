@@ -38,6 +38,7 @@ from daemon.errors import SourceError
 from daemon.images import parse_stage
 from daemon.records import VectorSource
 from daemon.settings import Settings
+from daemon.similar.persist import saved_cells
 from daemon.store.db import StateStore
 from daemon.training.split import SplitSettings
 from daemon.training.units import (
@@ -286,7 +287,8 @@ def assign_sides(settings: Settings, info: DatasetInfo, groups: list[GroupImages
     units = build_units(groups, cosine=cosine, seed=t.holdout_seed,
                         test_fraction=t.holdout_fraction,
                         validation_fraction=t.validation_fraction,
-                        holdout_projects=t.holdout_projects)
+                        holdout_projects=t.holdout_projects,
+                        cells=saved_cells(settings.cache_dir, info.embedder_id))
     info.units = units
     codes = np.asarray([SIDE_CODE[units.side_of_group(k)] for k in keys], dtype=np.int8)
     for k, c in zip(keys, codes, strict=True):

@@ -8,8 +8,8 @@ that makes two groups the same evidence:
   copied into a second project's DB, or the same files reviewed again under a new group_id,
   land in one unit;
 * a near-duplicate image: cosine of the two embeddings >= ``training.near_duplicate_cosine``
-  (default 0.97), found by :func:`near_duplicate_pairs` with the similarity room's ANN index
-  (:mod:`daemon.similar`: one index, one threshold for the split, the report and
+  (default 0.97), found by :func:`near_duplicate_pairs` with the similarity room's range
+  search (:mod:`daemon.similar.pairs`; one threshold for the split, the report and
   ``trainingd similar``).
 
 A unit's side is a stable hash of ``(seed, unit id)`` where the unit id is its smallest member
@@ -39,8 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from daemon.similar.index import AnnIndex
-from daemon.similar.pairs import PairSearch, knn_pairs, range_pairs
+from daemon.similar.pairs import PairSearch, range_pairs
 
 Side = Literal["train", "validation", "test"]
 SIDES: tuple[Side, ...] = ("train", "validation", "test")
@@ -135,29 +134,26 @@ def lsh_miss_bound(threshold: float, bits: int = LSH_BITS, tables: int = LSH_TAB
 
 def near_duplicate_pairs(vectors: np.ndarray, threshold: float, *, block: int = 2048,
                          exact_limit: int = EXACT_SEARCH_LIMIT, seed: int = 0,
-                         index: AnnIndex | None = None, stats: PairSearch | None = None
+                         cells: np.ndarray | None = None, stats: PairSearch | None = None
                          ) -> np.ndarray:
     """``(k, 2)`` index pairs ``i < j`` whose cosine is >= ``threshold``.
 
     Rows are L2-normalised here.  Up to ``exact_limit`` vectors: blocked brute force (exact).
     Above: the similarity room's range search over k-means cells
     (:func:`daemon.similar.pairs.range_pairs`: every vector compared exactly with the vectors
-    of its nearest cells; seconds where building the HNSW graph takes minutes), or, when the
-    caller holds the HNSW index ``trainingd similar`` answers from (``index``, row ``i`` under
-    key ``i``), k nearest neighbours from it (:func:`daemon.similar.pairs.knn_pairs`).  One
-    threshold for the split, the report and ``trainingd similar``.
+    of its nearest cells, one matrix product per cell), over ``cells`` when the caller has the
+    similarity index's (:func:`daemon.similar.persist.saved_cells`).  One threshold for the
+    split, the report and ``trainingd similar``.
     No false pair is ever returned; the measured recall is in Documents/SIMILARITY.md.
     Content-hash duplicates are joined separately and never depend on this search.  ``seed``
-    is kept for callers of the former LSH search (HNSW builds are deterministic enough)."""
+    is kept for callers of the former LSH search (the cells' k-means is seeded)."""
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim != 2 or len(x) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
-    if len(x) > exact_limit and index is not None:
-        return knn_pairs(x, threshold, index=index, stats=stats)
     if len(x) > exact_limit:
-        return range_pairs(x, threshold, stats=stats)
+        return range_pairs(x, threshold, cells=cells, stats=stats)
     found = _exact_pairs(x, threshold, block)
     if stats is not None:
         stats.vectors, stats.method = len(x), "exact"
@@ -249,7 +245,8 @@ class Units:
 def build_units(groups: Sequence[GroupImages], *, cosine: float, seed: int,
                 test_fraction: float, validation_fraction: float,
                 holdout_projects: Collection[str] = (),
-                exact_limit: int = EXACT_SEARCH_LIMIT) -> Units:
+                exact_limit: int | None = None, cells: np.ndarray | None = None
+                ) -> Units:
     """Join groups into units and give each unit its side (see the module docstring)."""
     keys = sorted({g.key for g in groups})
     index = {k: i for i, k in enumerate(keys)}
@@ -278,9 +275,11 @@ def build_units(groups: Sequence[GroupImages], *, cosine: float, seed: int,
             x = np.concatenate(vec_rows)
             # identical vectors (the same bytes reviewed twice) are joined without the search
             st = PairSearch()
-            pairs = near_duplicate_pairs(x, cosine, exact_limit=exact_limit, seed=seed,
-                                         stats=st)
-            search.update(method=st.method, widened=st.widened, exact_rows=st.exact_rows)
+            limit = EXACT_SEARCH_LIMIT if exact_limit is None else exact_limit
+            pairs = near_duplicate_pairs(x, cosine, exact_limit=limit, seed=seed,
+                                         cells=cells, stats=st)
+            search.update(method=st.method, structure=st.structure, cells=st.cells,
+                          probes=st.probes)
             vg = np.asarray(vec_group, dtype=np.int64)
             for a, b in pairs:
                 ga, gb = int(vg[a]), int(vg[b])
