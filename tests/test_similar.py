@@ -129,7 +129,10 @@ class TestOneIndexForTheSplit:
         SimilarIndex.open(cache).save()
         assert saved_cells(settings.cache_dir, EMBEDDER) is None  # 80 vectors: no cells yet
         cache.write_vectors([(f"{'e' * 60}{i:04x}", v) for i, v in enumerate(_unit(rng, 70, 16))])
-        index = SimilarIndex.open(cache)
+        with capture_logs() as trained:
+            index = SimilarIndex.open(cache)
+        assert [e["cells"] for e in trained if e["event"] == "similar.index_trained"] == \
+            [index_module.cells_for(150)]
         index.save()
         cells = saved_cells(settings.cache_dir, EMBEDDER)
         assert index.ann is not None and index.ann.cells is not None and cells is not None

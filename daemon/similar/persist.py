@@ -131,7 +131,13 @@ class SimilarIndex:
         if x.shape[1] != self.ann.dim:
             raise ValueError(f"vector dim {x.shape[1]} != index dim {self.ann.dim}")
         start = len(self.hashes)
+        before, started = (self.ann.trained_on, self.ann.cells_from), time.monotonic()
         self.ann.add(np.arange(start, start + len(fresh)), x)
+        if (self.ann.trained_on, self.ann.cells_from) != before:  # codes or cells (re)trained
+            log.info("similar.index_trained", vectors=start + len(fresh),
+                     structure=self.ann.structure, codes_trained_on=self.ann.trained_on,
+                     cells=0 if self.ann.cells is None else len(self.ann.cells),
+                     seconds=round(time.monotonic() - started, 2))
         for i, (sha, _) in enumerate(fresh):
             self.hashes.append(sha)
             self.key_of[sha] = start + i
