@@ -22,7 +22,7 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy daemon
 
 test: lint
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=25
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/validate_bench.py
