@@ -92,6 +92,22 @@ def build_inspection(
     }
 
 
+def _searched(search: dict[str, Any]) -> str:
+    """How the split's near-duplicate search ran, in one sentence."""
+    vectors, threshold = search.get("vectors", 0), search["threshold"]
+    if search.get("method") is None:
+        why = search.get("skipped") or ("the threshold is above 1: the search is off, or the "
+                                        "embedder is random-init and its vectors say nothing")
+        return f"Near-identical embeddings were not searched ({why})."
+    head = (f"Near-identical: embedding cosine >= {threshold} (the threshold `trainingd "
+            f"similar` marks); ")
+    if search["method"] == "ann":
+        return head + (f"{vectors} vectors searched over the {search.get('structure', 'cells')} "
+                       f"({search.get('cells')} cells, {search.get('probes')} probed per "
+                       "vector, every pair confirmed exactly).")
+    return head + f"every pair of the {vectors} vectors compared."
+
+
 def _md_cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -143,8 +159,11 @@ def render_inspection_markdown(report: dict[str, Any]) -> str:
     if units:
         out += ["", f"## Duplicate and near-duplicate units ({len(units)})", "",
                 "Groups joined into one unit share an image's bytes, its file, or a near-"
-                "identical embedding: they always sit on one side of the split.", "",
-                "| unit | side | groups | joined by |", "|---|---|---|---|"]
+                "identical embedding: they always sit on one side of the split.", ""]
+        search = report.get("near_duplicate_search") or {}
+        if search.get("threshold") is not None:
+            out += [_searched(search), ""]
+        out += ["| unit | side | groups | joined by |", "|---|---|---|---|"]
         for u in units[:MD_ISSUE_LIMIT]:
             out.append(f"| {_md_cell(u['unit'])} | {u['side']} | "
                        f"{_md_cell(', '.join(u['groups']))} | {', '.join(u['joined_by'])} |")

@@ -183,6 +183,45 @@ class TestOneIndexForTheSplit:
         assert units.unit_of["p/copy"] == units.unit_of["p/g5"]
 
 
+class TestTheReportSaysHowNearDuplicatesWereFound:
+    """The inspection report the data gate writes names the threshold and the search."""
+
+    def _report(self, settings: Settings, cosine: float) -> str:
+        from datetime import UTC, datetime
+
+        from daemon.training.gate import data_gate
+
+        rng = np.random.default_rng(35)
+        x = _unit(rng, 300, 32)
+        groups = [GroupImages(f"p/g{i}", (f"file:p/{i}",), x[i:i + 1]) for i in range(300)]
+        groups.append(GroupImages("p/copy", ("file:p/copy",), x[5:6] + 0.001 * x[6:7]))
+        groups.append(GroupImages("p/again", ("file:p/9",), x[9:10]))  # same file: one unit
+        units = build_units(groups, cosine=cosine, seed=0, test_fraction=0.2,
+                            validation_fraction=0.1, exact_limit=100,
+                            cells=index_module.train_cells(x))
+        store = StateStore(settings.state_db)
+        try:
+            gate = data_gate(settings, store, datetime(2026, 12, 1, tzinfo=UTC), coverage={},
+                             units=units)
+        finally:
+            store.close()
+        assert gate.report is not None and gate.markdown is not None
+        assert json.loads(gate.report.read_text())["near_duplicate_search"] == units.search
+        return gate.markdown.read_text()
+
+    def test_threshold_and_cells_are_named_beside_the_units(self, settings: Settings) -> None:
+        md = self._report(settings, 0.97)
+        assert "## Duplicate and near-duplicate units (2)" in md
+        assert ("Near-identical: embedding cosine >= 0.97 (the threshold `trainingd similar` "
+                "marks); 302 vectors searched over the index cells") in md
+
+    def test_a_search_that_is_off_says_so(self, settings: Settings) -> None:
+        """Above 1 (off, or a random-init embedder) the report says nothing was searched."""
+        md = self._report(settings, 2.0)
+        assert "## Duplicate and near-duplicate units (1)" in md
+        assert "Near-identical embeddings were not searched (the threshold is above 1" in md
+
+
 class TestAnnIndex:
     """The index itself: exact while small, a PQ scan with an exact re-rank above the limit."""
 

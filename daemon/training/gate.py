@@ -97,6 +97,8 @@ def data_gate(settings: Settings, store: StateStore, now: datetime, *,
     projects = judge(report, coverage, max_error_share=t.gate_max_error_share,
                      min_coverage=t.gate_min_coverage, untrained=untrained_projects(settings))
     failed = {p: g["failures"] for p, g in projects.items() if g["failures"]}
+    # how the near duplicates were searched: the threshold trainingd similar marks, the cells
+    report["near_duplicate_search"] = units.search if units is not None else None
     report["gate"] = {"kind": kind, "passed": not failed, "projects": projects,
                       "max_error_share": t.gate_max_error_share,
                       "min_coverage": t.gate_min_coverage}
