@@ -344,6 +344,20 @@ class TestSimilarIndex:
         assert len(idx) == 20
         assert [e["event"] for e in logs].count("similar.index_rebuilt") == 1
 
+    def test_a_damaged_cached_vector_is_left_out_and_logged(self, settings: Settings) -> None:
+        """Catching up from the cache, a torn or non-unit vector file is logged and left out;
+        the rest are indexed (``trainingd embed --verify`` repairs the file)."""
+        rng = np.random.default_rng(14)
+        cache, shas = _cache(settings, _unit(rng, 40, 16))
+        cache.vector_path(shas[3]).write_bytes(b"\x93NUMPY torn")
+        damaged = cache.vector_path(shas[8])
+        damaged.write_bytes(damaged.read_bytes()[:-64] + b"\x00" * 64)  # no longer unit length
+        with capture_logs() as logs:
+            idx = SimilarIndex.open(cache)
+        assert len(idx) == 38 and shas[3] not in idx.key_of and shas[8] not in idx.key_of
+        assert sorted(e["sha256"] for e in logs if e["event"] == "similar.vector_unreadable") \
+            == sorted([shas[3], shas[8]])
+
     def test_another_embedders_file_is_not_used(self, settings: Settings) -> None:
         """An index file made for another embedder id is rebuilt from this embedder's cache."""
         rng = np.random.default_rng(5)

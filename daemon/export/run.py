@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 
 from daemon.embedding.cache import VectorCache
+from daemon.embedding.vector_reader import Skipped, VectorReader, bad_norms, not_unit
 from daemon.errors import DaemonError
 from daemon.export.layout import (
     EMB_DIR,
@@ -48,7 +49,6 @@ from daemon.export.shards import (
     new_rows,
     shard_rows_on_disk,
 )
-from daemon.export.vectors import Skipped, VectorReader, bad_norms, not_unit
 from daemon.fsutil import remove_abandoned_temps
 from daemon.store.export_rows import ExportRow, iter_export_rows
 from daemon.timeparse import iso_utc

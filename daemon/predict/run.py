@@ -41,8 +41,8 @@ from daemon.timeparse import iso_utc
 if TYPE_CHECKING:
     from daemon.embedding.cache import VectorCache
     from daemon.embedding.stage import EmbeddingStage
+    from daemon.embedding.vector_reader import VectorBlock
     from daemon.predict.scoring import Champions, Rows
-    from daemon.predict.vectors import VectorBlock
     from daemon.store.db import StateStore
 
 log = structlog.get_logger("predict")
@@ -201,8 +201,8 @@ def _predict_batch(store: StateStore, pstore: PredictionStore, project: str,
                    batch: list[list[ImageFacts]], cache: VectorCache, champs: Champions,
                    now: datetime, stage: Callable[[], EmbeddingStage | None],
                    result: PredictResult) -> None:
+    from daemon.embedding.vector_reader import load_block
     from daemon.predict.scoring import score_rows
-    from daemon.predict.vectors import load_block
 
     # images never read yet have no content hash: embed them first (that hashes them)
     batch = _embed(store, project, batch, [r for g in batch for r in g if r.sha256 is None],

@@ -25,12 +25,14 @@ import numpy as np
 import structlog
 
 from daemon.embedding.cache import VectorCache, embedder_slug
+from daemon.embedding.vector_reader import load_block
 from daemon.fsutil import atomic_writer
 from daemon.similar.index import LIBRARY, AnnIndex, IndexArrays
 
 log = structlog.get_logger("similar")
 FOLDER = "similar"
 FILE_NAME = "ann.npz"
+SYNC_BLOCK = 65_536  # cached vectors read and added at once when catching up (256 MiB at 1024-d)
 
 
 def index_path(cache_dir: Path, embedder_id: str) -> Path:
@@ -105,18 +107,31 @@ class SimilarIndex:
         self.key_of = {h: i for i, h in enumerate(hashes)}
 
     def sync(self) -> int:
-        """Add every cached vector the index lacks; returns how many were added."""
+        """Add every cached vector the index lacks; returns how many were added.  Read in
+        blocks by the cache's batch reader (one ``os.read`` per file); a damaged file is logged
+        (`embed --verify` repairs it) and left out."""
         missing = [p.stem for p in self.cache.iter_vector_files() if p.stem not in self.key_of]
+        if not missing:
+            return 0
+        dim = self.ann.dim if self.ann is not None else self._dim_of(missing)
         added = 0
-        for s in range(0, len(missing), 4096):
-            items = []
-            for sha in missing[s:s + 4096]:
-                try:
-                    items.append((sha, self.cache.load(sha)))
-                except (OSError, ValueError) as exc:  # a damaged .npy: `embed --verify` says so
-                    log.warning("similar.vector_unreadable", sha256=sha, error=str(exc)[:200])
-            added += self.add(items)
+        for s in range(0, len(missing), SYNC_BLOCK):
+            block = load_block(self.cache, dim, missing[s:s + SYNC_BLOCK])
+            for sha, why in list(block.damaged.items())[:20]:
+                log.warning("similar.vector_unreadable", sha256=sha, error=why[:200])
+            order = sorted(block.index.items(), key=lambda kv: kv[1])
+            added += self.add([(sha, block.rows[i]) for sha, i in order])
         return added
+
+    def _dim_of(self, shas: list[str]) -> int:
+        """The width of this embedder's vectors: that of the first readable cached one."""
+        for sha in shas[:100]:
+            try:
+                return int(self.cache.load(sha).reshape(-1).shape[0])
+            except (OSError, ValueError):
+                continue
+        raise ValueError("no readable cached vector among the first 100: run "
+                         "`trainingd embed --verify`")
 
     def add(self, items: Sequence[tuple[str, np.ndarray]]) -> int:
         """Add vectors under their content hashes (known hashes are skipped)."""

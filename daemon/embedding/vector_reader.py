@@ -1,4 +1,5 @@
-"""Cached vectors read for an export, fast, and refused when damaged.
+"""Cached vectors read in bulk, fast, and refused when damaged: the cache's batch reader, used
+by the export, the prediction pass and the similarity index's catch-up.
 
 Why not ``np.load`` per file: a million small ``.npy`` files cost ~40 s through ``np.load``
 (header parsing, a file object per call).  The cache writes every vector with one fixed header
@@ -9,18 +10,19 @@ any other header goes through ``np.load`` (another numpy may pad differently), a
 that it is a regular file (a FIFO would block it).
 
 A vector that is missing, unreadable, of another shape or dtype, non-finite or not unit length
-is not exported: it becomes a :class:`Skipped` with a code and a sentence, never an exception
-(``trainingd embed --verify`` finds and repairs such files; the export must not).  This room
-never writes.
+is left out: it becomes a problem with a code and a sentence (the export's :class:`Skipped`),
+never an exception (``trainingd embed --verify`` finds and repairs such files; readers must
+not).  The codes keep their ``export_`` names: the export was the first reader and operators'
+filters know them.  This module never writes.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +150,36 @@ def not_unit(path: Path, rows: np.ndarray, index: int) -> tuple[str, str, str]:
     return ("export_vector_not_unit", repr(norm),
             f"the cache file {path} holds a vector of norm {norm!r}; every cached vector is "
             "L2-normalised: the file is damaged (`trainingd embed --verify`)")
+
+
+_MISSING = "export_vector_missing"
+
+
+@dataclass(frozen=True)
+class VectorBlock:
+    """``rows[index[sha]]`` is the vector of ``sha``; shas with no usable vector are absent
+    from ``index``; ``damaged`` holds a sentence for those whose file exists but is bad."""
+
+    rows: np.ndarray
+    index: dict[str, int]
+    damaged: dict[str, str] = field(default_factory=dict)
+
+
+def load_block(cache: VectorCache, dim: int, shas: Iterable[str]) -> VectorBlock:
+    """The vectors of ``shas`` (duplicates read once) as float32 rows of ``dim``, in one
+    block a caller can use whole (the prediction pass scores them in one forward pass, the
+    similarity index adds them at once).  A vector that is missing, unreadable, of another
+    shape or not unit length is left out of ``index``; ``damaged`` says why for all but a
+    plain missing file."""
+    wanted = list(dict.fromkeys(shas))
+    rows = np.empty((len(wanted), dim), dtype=np.float32)
+    if not wanted:
+        return VectorBlock(rows, {})
+    bad: dict[int, str] = {}
+    for i, code, _value, sentence in VectorReader(cache, dim).read_into(wanted, rows):
+        bad[i] = "" if code == _MISSING else sentence
+    for i in bad_norms(rows).tolist():
+        bad.setdefault(i, "the cached vector is not unit length: the file is damaged "
+                          "(`trainingd embed --verify` finds and repairs it)")
+    index = {sha: i for i, sha in enumerate(wanted) if i not in bad}
+    return VectorBlock(rows, index, {wanted[i]: why for i, why in bad.items() if why})
