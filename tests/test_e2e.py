@@ -160,6 +160,9 @@ class TestCrashSafety:
             "SELECT count(*) FROM ai_decisions").fetchone()[0]
         final = Daemon(home / "config.toml")
         try:
+            # its SIGTERM handler exists from here: a stop sent while the interpreter still
+            # imports would end it by the signal's default action (-15), whatever the data
+            final.wait_event("service.started", timeout=60)
             wait_until(lambda: figures(home).get("validated") == total
                        and figures(home).get("pending_crops") == 0, timeout=60,
                        what=f"all {total} rows validated after {kills} kills")
