@@ -4,6 +4,7 @@ the cache, its file, ``trainingd similar`` and the near-duplicate pairs of the s
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,6 +144,12 @@ class TestOneIndexForTheSplit:
         with capture_logs() as logs:
             assert saved_cells(settings.cache_dir, EMBEDDER) is None
         assert [e["event"] for e in logs] == ["similar.cells_unreadable"]
+        path.unlink()
+        os.mkfifo(path)  # a FIFO in its place: refused at once, never opened (it would block)
+        with capture_logs() as logs:
+            assert saved_cells(settings.cache_dir, EMBEDDER) is None
+        assert [(e["event"], e["error"]) for e in logs] == [
+            ("similar.cells_unreadable", "not a regular file")]
 
     def test_the_split_searches_the_cells_of_the_saved_index(
             self, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

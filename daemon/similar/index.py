@@ -53,6 +53,12 @@ def subspaces(dim: int) -> int:
                  if dim % m == 0 and m % 2 == 0), 0)
 
 
+def fixed_sample(n: int, size: int) -> np.ndarray:
+    """Sorted row numbers of a seeded sample of ``min(n, size)`` of ``n`` rows: the same rows
+    train the same codebooks and cells."""
+    return np.sort(np.random.default_rng(0).choice(n, min(n, size), replace=False))
+
+
 def cells_for(n: int) -> int:
     """k-means cells for ``n`` vectors: ~2 sqrt(n) (at 200k: 894 cells of ~220 vectors, so a
     vector of the near-duplicate search is compared with ~2,700 others), each trained on
@@ -66,8 +72,7 @@ def train_cells(x: np.ndarray) -> np.ndarray:
     faiss = _faiss()
     n, dim = x.shape
     nlist = cells_for(n)
-    sample = np.sort(np.random.default_rng(0).choice(n, min(n, nlist * TRAIN_PER_CELL),
-                                                     replace=False))
+    sample = fixed_sample(n, nlist * TRAIN_PER_CELL)
     km = faiss.Kmeans(dim, nlist, niter=CELL_ITERATIONS, seed=1234, spherical=True,
                       verbose=False)
     km.train(np.ascontiguousarray(x[sample], dtype=np.float32))
@@ -157,7 +162,7 @@ class AnnIndex:
             self._vectors = grown
         self._vectors[self._n:end] = x
         self._n = end
-        if self._codes is not None:
+        if self._codes is not None and not self._needs_training():  # else re-encoded below
             _faiss()
             self._codes.add(x)
         self._maintain()
@@ -180,7 +185,7 @@ class AnnIndex:
         """(Re)train the codebooks on a fixed sample and encode every stored vector."""
         faiss = _faiss()
         n = self._n
-        rows = np.sort(np.random.default_rng(0).choice(n, min(n, TRAIN_SAMPLE), replace=False))
+        rows = fixed_sample(n, TRAIN_SAMPLE)
         codes = faiss.IndexPQFastScan(self.dim, subspaces(self.dim), 4,
                                       faiss.METRIC_INNER_PRODUCT)
         codes.train(np.ascontiguousarray(self._vectors[rows]))

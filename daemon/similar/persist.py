@@ -44,6 +44,10 @@ def saved_cells(cache_dir: Path, embedder_id: str) -> np.ndarray | None:
     or None when there is no index, it is too small to have cells, or it cannot be read: the
     near-duplicate search then trains its own (same rule, same threshold)."""
     path = index_path(cache_dir, embedder_id)
+    if not path.is_file():  # none yet; a FIFO or folder in its place would block or fail
+        if path.exists():
+            log.warning("similar.cells_unreadable", path=str(path), error="not a regular file")
+        return None
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -51,8 +55,7 @@ def saved_cells(cache_dir: Path, embedder_id: str) -> np.ndarray | None:
                 return None
             cells = np.asarray(z["cells"], dtype=np.float32)
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
-        if path.exists():
-            log.warning("similar.cells_unreadable", path=str(path), error=str(exc)[:300])
+        log.warning("similar.cells_unreadable", path=str(path), error=str(exc)[:300])
         return None
     return cells if cells.ndim == 2 and len(cells) else None
 

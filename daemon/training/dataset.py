@@ -288,7 +288,8 @@ def assign_sides(settings: Settings, info: DatasetInfo, groups: list[GroupImages
                         test_fraction=t.holdout_fraction,
                         validation_fraction=t.validation_fraction,
                         holdout_projects=t.holdout_projects,
-                        cells=saved_cells(settings.cache_dir, info.embedder_id))
+                        cells=saved_cells(settings.cache_dir, info.embedder_id)
+                        if cosine <= 1.0 else None)
     info.units = units
     codes = np.asarray([SIDE_CODE[units.side_of_group(k)] for k in keys], dtype=np.int8)
     for k, c in zip(keys, codes, strict=True):
